@@ -1,0 +1,73 @@
+"""The affine transform of teacher embeddings into the human similarity space.
+
+Stored as ``transform.npz`` with ``weights`` (p, p'), ``bias`` (p',), ``mean`` and ``std`` (scalars): the layout
+gLocal releases, so released gLocal transforms load here and ours load in their tools. It is applied as
+``x' = ((x - mean) / std) @ weights + bias``: features are z-scored with ONE scalar mean and std computed over
+the whole THINGS feature matrix (as gLocal does), never per dimension.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from alignet_data import artifacts
+
+FILE_NAME = "transform.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  weights: np.ndarray
+  bias: np.ndarray
+  mean: float = 0.0
+  std: float = 1.0
+
+  def __post_init__(self):
+    if self.weights.ndim != 2 or self.bias.shape != (self.weights.shape[1],):
+      raise ValueError(f"Transform shapes do not fit: weights {self.weights.shape}, bias {self.bias.shape}.")
+    if not np.isfinite(self.std) or self.std <= 0:
+      raise ValueError(f"Transform std must be a positive number, got {self.std}.")
+
+  @property
+  def in_dim(self) -> int:
+    return self.weights.shape[0]
+
+  @classmethod
+  def identity(cls, dim: int) -> Transform:
+    return cls(np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32))
+
+  def apply(self, x: np.ndarray) -> np.ndarray:
+    """Transform (..., p) features; float32 out."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] != self.in_dim:
+      raise ValueError(f"Features have dimension {x.shape[-1]}, the transform expects {self.in_dim}.")
+    w = self.weights.astype(np.float32)
+    return ((x - np.float32(self.mean)) / np.float32(self.std)) @ w + self.bias.astype(np.float32)
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"weights": np.asarray(self.weights, np.float32), "bias": np.asarray(self.bias, np.float32),
+            "mean": np.asarray(self.mean, np.float32), "std": np.asarray(self.std, np.float32)}
+
+  def save(self, writer: artifacts.ArtifactWriter, name: str = FILE_NAME) -> None:
+    writer.write_npz(name, **self.arrays())
+
+  @classmethod
+  def from_arrays(cls, data: dict[str, np.ndarray]) -> Transform:
+    missing = {"weights", "bias"} - set(data)
+    if missing:
+      raise ValueError(f"A transform file needs arrays 'weights' and 'bias'; missing {sorted(missing)}.")
+    return cls(np.asarray(data["weights"]), np.asarray(data["bias"]).reshape(-1),
+               float(data.get("mean", 0.0)), float(data.get("std", 1.0)))
+
+  @classmethod
+  def load(cls, source: str | artifacts.Artifact) -> Transform:
+    """From an align artifact (its ``transform.npz``) or a path/URL of an ``.npz`` file."""
+    if isinstance(source, artifacts.Artifact):
+      return cls.from_arrays(source.load_npz(FILE_NAME))
+    art = artifacts.try_load(source) if not source.endswith(".npz") else None
+    if art is not None:
+      return cls.from_arrays(art.load_npz(FILE_NAME))
+    fs, path = artifacts.url_to_fs(source)
+    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+      return cls.from_arrays({k: data[k] for k in data.files})
