@@ -1,0 +1,42 @@
+"""Stage `world`: generate the demo world (the embedded default's stand-in for THINGS, ImageNet and Levels)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from alignet_data import artifacts, demo_world
+
+STAGE = "world"
+
+
+def default_config() -> dict[str, Any]:
+  return dataclasses.asdict(demo_world.WorldConfig())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--seed", type=int, help="World seed.")
+  parser.add_argument("--images-per-class", type=int, help="ImageNet-like pool images per class.")
+  parser.add_argument("--things-train", type=int, help="THINGS-like training triplets.")
+  parser.add_argument("--things-test", type=int, help="THINGS-like test triplets.")
+  parser.add_argument("--levels-per-level", type=int, help="Levels-like triplets per level.")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  config = default_config()
+  for key in config:
+    value = getattr(args, key, None)
+    if value is not None:
+      config[key] = value
+  return config
+
+
+def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  return {}
+
+
+def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+  world = demo_world.make_world(demo_world.WorldConfig(**config))
+  demo_world.save(world, writer)
+  return demo_world.summary(world)
