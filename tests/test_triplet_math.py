@@ -32,7 +32,7 @@ def test_kl_and_js_hand_computed():
   p = np.array([0.5, 0.5, 0.0])
   q = np.array([0.25, 0.25, 0.5])
   assert tm.kl_divergence(p, q) == pytest.approx(np.log(2.0))
-  m = np.array([0.375, 0.375, 0.25])
+  # m = (p + q) / 2 = [0.375, 0.375, 0.25]
   expected = 0.5 * (np.log(0.5 / 0.375)) + 0.5 * (0.5 * np.log(0.25 / 0.375) + 0.5 * np.log(0.5 / 0.25))
   assert tm.js_divergence(p, q) == pytest.approx(expected)
   assert tm.kl_divergence(q, q) == pytest.approx(0.0)
