@@ -10,7 +10,7 @@ setuptools.setup(
     description="Staged, offline data pipeline and JAX trainer for AligNet (Muttenthaler et al., Nature 2025).",
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["alignet_data*", "pipelines*", "trainer*", "schemas*"]),
-    package_data={"schemas": ["*.json"], "alignet_data": ["checkpoints/*.npz"]},
+    package_data={"schemas": ["*.json"], "alignet_data": ["checkpoints/*.npz", "checkpoints/*.json"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "tensorflow>=2.21,<2.22",
@@ -28,6 +28,7 @@ setuptools.setup(
         "gcsfs>=2026.9",
         "grain>=0.2.18",
         "protobuf>=6.33,<7",
+        "google-crc32c",
         "scipy",
         "tqdm",
         "pillow",

@@ -8,5 +8,5 @@ if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "$(grep '^uv==' constraints.txt)"
-.venv/bin/uv pip install --quiet --python .venv/bin/python -c constraints.txt -e '.[test]'
+.venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python -c constraints.txt -e '.[test]'
 echo "Installed into $(pwd)/.venv (CLI: .venv/bin/alignet)" >&2

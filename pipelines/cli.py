@@ -6,6 +6,7 @@ Beam pipeline options (``--runner=DataflowRunner --project=... --region=... --te
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,11 @@ _DESCRIPTION = (
     "published shards -> student fine-tuning -> evaluation. `alignet run --preset demo --out DIR` runs every "
     "stage on the embedded demo world."
 )
+
+
+# Errors that mean "your input or request is wrong" (missing artifact, bad file, checksum, refused publish): a
+# one-line message and exit status 1. ALIGNET_DEBUG=1 shows the traceback.
+_USER_ERRORS = (ValueError, OSError, KeyError)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -63,11 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   if args.command == "run":
     from pipelines import chain
-    chain.run_chain(args.preset, args.out, force=args.force, beam_args=extra, until=args.until)
+    try:
+      chain.run_chain(args.preset, args.out, force=args.force, beam_args=extra, until=args.until)
+    except _USER_ERRORS as e:
+      if os.environ.get("ALIGNET_DEBUG"):
+        raise
+      print(f"alignet run: error: {e}", file=sys.stderr)
+      return 1
     return 0
-  mod = stages.module(args.command)
-  config = mod.config_from_args(args)
-  art = stages.run(args.command, config, args.out, beam_args=extra, force=args.force)
+  try:
+    mod = stages.module(args.command)
+    config = mod.config_from_args(args)
+    art = stages.run(args.command, config, args.out, beam_args=extra, force=args.force)
+  except _USER_ERRORS as e:
+    # Bad input or a refused action: a clear one-line message, not a traceback (ALIGNET_DEBUG=1 shows it).
+    if os.environ.get("ALIGNET_DEBUG"):
+      raise
+    print(f"alignet {args.command}: error: {e}", file=sys.stderr)
+    return 1
   print(f"{args.command}: outputs in {art.url} (report: {art.path('report.json')})")
   return 0
 

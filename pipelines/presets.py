@@ -18,8 +18,9 @@ _DEMO: dict[str, dict[str, Any]] = {
     "embed": {"model": "demo-teacher"},
     "align": {"loss": "soft"},
     "cluster": {},
-    "triplets": {"strategy": "cluster_boundary", "num": 20000, "num_valid": 2000},
-    "publish": {"name": "alignet-demo", "version": "0.1.0"},
+    "triplets": {"strategy": "cluster_boundary", "num": 20000, "num_valid": 2000,
+                 "formats": ["tfrecord", "parquet", "npz"]},
+    "publish": {"name": "alignet-demo", "version": "0.1.0", "if_exists": "skip_identical"},
     "train": {"student": "demo-student"},
     "evaluate": {},
 }
@@ -31,7 +32,7 @@ _SMOKE: dict[str, dict[str, Any]] = {
     "align": {"loss": "soft", "lambdas": [1.0, 0.01], "folds": 2},
     "cluster": {},
     "triplets": {"strategy": "cluster_boundary", "num": 3000, "num_valid": 300},
-    "publish": {"name": "alignet-smoke", "version": "0.1.0"},
+    "publish": {"name": "alignet-smoke", "version": "0.1.0", "if_exists": "skip_identical"},
     "train": {"student": "demo-student", "steps": 40},
     "evaluate": {"bootstrap": 20},
 }

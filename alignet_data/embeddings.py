@@ -1,0 +1,230 @@
+"""The embeddings store: image ids, labels, file names and vectors as Parquet shards inside an embed artifact.
+
+Layout of an embed artifact (one or more named splits, e.g. the demo world's `things` and `pool`):
+
+  embeddings/<split>-<i:05d>-of-<n:05d>.parquet   columns: id int64, label int64, file_name string,
+                                                   embedding fixed_size_list<float32>[dim]
+  embeddings.json                                 per split: dim, dtype, rows, shards, ids_per_shard, source
+
+Invariants (changing them changes bytes: bump the artifact schema):
+* Ids are the source's record indices (the demo world's image index, the `tfds.data_source` record index), so
+  they match the released AligNet `indices`. Within a split every id appears at most once.
+* Shard i of n holds exactly the ids in [i * ids_per_shard, (i + 1) * ids_per_shard), sorted by id. The layout
+  is a function of the source size and `ids_per_shard` only, never of the runner or the worker count, so any
+  runner writes each shard once with the same bytes. Ids that failed to decode leave a gap; a shard may be empty.
+* Parquet files carry no timestamps: identical rows give identical bytes (for one pyarrow version).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alignet_data import artifacts
+
+SHARD_DIR = "embeddings"
+INDEX = "embeddings.json"
+STORAGE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+_COMPRESSION = "zstd"
+
+
+@dataclasses.dataclass
+class Embeddings:
+  """One split of an embeddings store, sorted by id."""
+  ids: np.ndarray         # (n,) int64
+  labels: np.ndarray      # (n,) int64, -1 where the source has no label
+  file_names: np.ndarray  # (n,) str
+  vectors: np.ndarray     # (n, dim) float32
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def dim(self) -> int:
+    return self.vectors.shape[1]
+
+  def rows(self, ids: np.ndarray) -> np.ndarray:
+    """Row of each id (any shape); raises KeyError naming ids that are absent (e.g. failed to decode)."""
+    ids = np.asarray(ids, np.int64)
+    pos = np.clip(np.searchsorted(self.ids, ids), 0, max(len(self.ids) - 1, 0))
+    found = (self.ids[pos] == ids) if len(self.ids) else np.zeros(ids.shape, bool)
+    if not np.all(found):
+      missing = np.unique(ids[~found])
+      raise KeyError(f"ids not in the embeddings (missing or failed to decode): {missing[:10].tolist()}"
+                     f"{' ...' if len(missing) > 10 else ''}")
+    return pos
+
+  def take(self, ids: np.ndarray) -> np.ndarray:
+    """Vectors of the given ids, shape ids.shape + (dim,)."""
+    return self.vectors[self.rows(ids)]
+
+
+def check_split_name(split: str) -> str:
+  if not _SPLIT_RE.match(split):
+    raise ValueError(f"Bad split name {split!r}: use letters, digits and '_' only (it names shard files).")
+  return split
+
+
+def check_dtype(dtype: str) -> str:
+  if dtype not in STORAGE_DTYPES:
+    raise ValueError(f"Unsupported embedding storage dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}.")
+  return dtype
+
+
+def schema(dim: int, dtype: str = "float32") -> pa.Schema:
+  """The Parquet schema of a shard (explicit, never inferred from the data)."""
+  return pa.schema([
+      ("id", pa.int64()),
+      ("label", pa.int64()),
+      ("file_name", pa.string()),
+      ("embedding", pa.list_(STORAGE_DTYPES[check_dtype(dtype)], dim)),
+  ])
+
+
+def num_shards(num_ids: int, ids_per_shard: int) -> int:
+  if ids_per_shard < 1:
+    raise ValueError(f"ids_per_shard (rows_per_shard) must be >= 1, got {ids_per_shard}.")
+  return max(1, -(-num_ids // ids_per_shard))
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{SHARD_DIR}/{check_split_name(split)}-{index:05d}-of-{count:05d}.parquet"
+
+
+def shard_of(ids: np.ndarray, ids_per_shard: int) -> np.ndarray:
+  """Shard index of each id (the id-range rule above)."""
+  return np.asarray(ids, np.int64) // ids_per_shard
+
+
+def to_table(ids: np.ndarray, labels: np.ndarray, file_names: Sequence[str], vectors: np.ndarray,
+             dtype: str = "float32") -> pa.Table:
+  """Rows sorted by id as an Arrow table with the store's schema."""
+  ids = np.asarray(ids, np.int64)
+  vectors = np.asarray(vectors, np.float32)
+  if vectors.ndim != 2 or len(vectors) != len(ids) or len(labels) != len(ids) or len(file_names) != len(ids):
+    raise ValueError(f"Mismatched columns: ids {ids.shape}, labels {np.shape(labels)}, "
+                     f"file_names {len(file_names)}, vectors {vectors.shape} (need (n,), (n,), n, (n, dim)).")
+  order = np.argsort(ids, kind="stable")
+  ids = ids[order]
+  if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
+    raise ValueError(f"Duplicate ids in embeddings: {np.unique(ids[1:][ids[1:] == ids[:-1]])[:10].tolist()}")
+  np_dtype = np.float16 if dtype == "float16" else np.float32
+  flat = pa.array(vectors[order].astype(np_dtype).reshape(-1), type=STORAGE_DTYPES[check_dtype(dtype)])
+  dim = vectors.shape[1]
+  return pa.Table.from_arrays([
+      pa.array(ids, pa.int64()),
+      pa.array(np.asarray(labels, np.int64)[order], pa.int64()),
+      pa.array([str(file_names[i]) for i in order], pa.string()),
+      pa.FixedSizeListArray.from_arrays(flat, dim),
+  ], schema=schema(dim, dtype))
+
+
+def write_table(f: Any, table: pa.Table) -> None:
+  """One row group, fixed options: the same rows always give the same bytes."""
+  pq.write_table(table, f, compression=_COMPRESSION, row_group_size=max(len(table), 1),
+                 write_statistics=True, store_schema=True)
+
+
+def write_shard(url: str, ids: np.ndarray, labels: np.ndarray, file_names: Sequence[str], vectors: np.ndarray,
+                dim: int, dtype: str = "float32") -> int:
+  """Write one shard file at `url` (any fsspec URL; Beam workers write here). Returns the row count."""
+  vectors = np.asarray(vectors, np.float32).reshape(len(ids), dim)
+  table = to_table(ids, labels, file_names, vectors, dtype)
+  fs, path = artifacts.url_to_fs(url)
+  fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+  with fs.open(path, "wb") as f:
+    write_table(f, table)
+  return len(table)
+
+
+def index_entry(num_ids: int, ids_per_shard: int, dim: int, dtype: str, rows: int, source: str) -> dict[str, Any]:
+  return {"dim": int(dim), "dtype": dtype, "rows": int(rows), "num_ids": int(num_ids),
+          "shards": num_shards(num_ids, ids_per_shard), "ids_per_shard": int(ids_per_shard), "source": source}
+
+
+def write_split(writer: artifacts.ArtifactWriter, split: str, ids: np.ndarray, labels: np.ndarray,
+                file_names: Sequence[str], vectors: np.ndarray, *, ids_per_shard: int, num_ids: int | None = None,
+                dtype: str = "float32", source: str = "") -> dict[str, Any]:
+  """Write a whole split from memory (no Beam): the same files the embed pipeline writes for these rows.
+
+  `num_ids` is the size of the id space (the source's record count); defaults to max(id) + 1.
+  Returns the split's index entry; call `write_index` once with all entries.
+  """
+  ids = np.asarray(ids, np.int64)
+  vectors = np.asarray(vectors, np.float32)
+  num_ids = int(ids.max()) + 1 if num_ids is None and len(ids) else int(num_ids or 0)
+  if len(ids) and (ids.min() < 0 or ids.max() >= num_ids):
+    raise ValueError(f"ids must lie in [0, num_ids={num_ids}), got [{ids.min()}, {ids.max()}].")
+  n = num_shards(num_ids, ids_per_shard)
+  shard = shard_of(ids, ids_per_shard)
+  names = np.asarray(file_names, dtype=object)
+  for i in range(n):
+    sel = np.flatnonzero(shard == i)
+    write_shard(writer.path(shard_name(split, i, n)), ids[sel], np.asarray(labels)[sel], names[sel],
+                vectors[sel], vectors.shape[1], dtype)
+  writer.set_rows(f"{SHARD_DIR}/{split}", len(ids))
+  return index_entry(num_ids, ids_per_shard, vectors.shape[1], dtype, len(ids), source)
+
+
+def write_index(writer: artifacts.ArtifactWriter, entries: dict[str, dict[str, Any]], **extra: Any) -> None:
+  """`embeddings.json`: per-split layout and anything global (the model name) in `extra`."""
+  writer.write_json(INDEX, {"splits": entries, **extra})
+
+
+def _artifact(url_or_artifact: str | artifacts.Artifact) -> artifacts.Artifact:
+  if isinstance(url_or_artifact, artifacts.Artifact):
+    return url_or_artifact
+  return artifacts.load(url_or_artifact, stage="embed")
+
+
+def splits(url_or_artifact: str | artifacts.Artifact) -> list[str]:
+  """Names of the splits in an embeddings artifact."""
+  return sorted(_artifact(url_or_artifact).read_json(INDEX)["splits"])
+
+
+def read_shard(f: Any) -> Embeddings:
+  """One shard file (a path or file object) as Embeddings."""
+  table = pq.read_table(f)
+  column = table.column("embedding").combine_chunks()
+  dim = column.type.list_size
+  vectors = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+  return Embeddings(ids=table.column("id").to_numpy(), labels=table.column("label").to_numpy(),
+                    file_names=np.asarray(table.column("file_name").to_pylist(), dtype=str), vectors=vectors)
+
+
+def load(url_or_artifact: str | artifacts.Artifact, split: str) -> Embeddings:
+  """Load one split of an embed artifact, sorted by id, vectors float32 (n, dim)."""
+  art = _artifact(url_or_artifact)
+  index = art.read_json(INDEX)["splits"]
+  if split not in index:
+    raise KeyError(f"Split {split!r} is not in embeddings {art.url}; it has {sorted(index)}.")
+  entry = index[split]
+  names = [shard_name(split, i, entry["shards"]) for i in range(entry["shards"])]
+  missing = [n for n in names if not art.exists(n)]
+  if missing:
+    raise FileNotFoundError(f"Embeddings {art.url} lacks shards {missing[:3]} listed in {INDEX}.")
+  parts = []
+  for name in names:
+    with art.open(name) as f:
+      parts.append(read_shard(f))
+  dim = entry["dim"]
+  out = Embeddings(
+      ids=np.concatenate([p.ids for p in parts]).astype(np.int64),
+      labels=np.concatenate([p.labels for p in parts]).astype(np.int64),
+      file_names=np.concatenate([p.file_names for p in parts]) if parts else np.zeros(0, str),
+      vectors=np.concatenate([p.vectors.reshape(-1, dim) for p in parts]).astype(np.float32, copy=False))
+  if len(out.ids) != entry["rows"] or (len(out.ids) > 1 and np.any(np.diff(out.ids) <= 0)):
+    raise ValueError(f"Embeddings {art.url}/{split}: {len(out.ids)} rows (index says {entry['rows']}) "
+                     "or ids not strictly increasing; the artifact is corrupt, rerun `alignet embed --force`.")
+  return out
+
+
+def info(url_or_artifact: str | artifacts.Artifact) -> dict[str, Any]:
+  """The parsed `embeddings.json` (per-split dim, dtype, rows, shards, source; the model)."""
+  return _artifact(url_or_artifact).read_json(INDEX)

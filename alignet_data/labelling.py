@@ -1,0 +1,98 @@
+"""Teacher soft labels for blocks of triplets (paper, Methods "Triplet-response generation").
+
+Pair similarities are dot products of the (transformed) teacher embeddings, listed ``[s01, s02, s12]``; items
+are reordered so that s01 >= s02 >= s12 (item 2 is the teacher's odd one out, s12 the smallest: both readings
+of the released README); the soft label is softmax([s01, s02, s12]) at tau' = 1 and its Shannon entropy (nats)
+measures the teacher's uncertainty. All numpy over whole blocks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from alignet_data import triplet_math
+
+TAU = 1.0  # tau' of the paper: teacher labels use the raw similarities.
+MAX_ENTROPY = float(np.log(3.0))
+
+
+def rowwise_similarities(vectors: np.ndarray, positions: np.ndarray) -> np.ndarray:
+  """(m, 3) float32 ``[s01, s02, s12]`` for (m, 3) row positions into (n, d) vectors.
+
+  Accumulates in float64 and rounds once: accurate, and robust to summation-order differences (SIMD paths,
+  alignment), so a triplet's similarities are bitwise the same wherever it sits in a block (tested).
+  """
+  x = np.asarray(vectors)[np.asarray(positions)].astype(np.float64)  # (m, 3, d)
+  return triplet_math.pair_similarities(x).astype(np.float32)
+
+
+def label_block(vectors: np.ndarray, positions: np.ndarray, raw_vectors: np.ndarray | None = None) -> dict:
+  """Label a block of triplets.
+
+  Args:
+    vectors: (n, d) teacher embeddings the labels come from (transformed, or raw for "untransformed").
+    positions: (m, 3) int row positions of each triplet's items, in sampled order.
+    raw_vectors: optional (n, d') untransformed embeddings, to count where the transform changed the odd one
+      out (the paper's AligNet vs UnAligNet difference).
+
+  Returns:
+    dict of arrays: ``positions`` (m, 3) reordered so s01 >= s02 >= s12, ``similarities`` (m, 3) float32,
+    ``soft_label`` (m, 3) float32, ``entropy`` (m,) float32, ``sampled_odd_kept`` (m,) bool (the sampled odd
+    item is the teacher's odd one out; meaningful for boundary strategies), and with `raw_vectors`
+    ``odd_changed`` (m,) bool (the raw teacher's odd one out differs; a raw tie counts as changed).
+  """
+  positions = np.asarray(positions, dtype=np.int64)
+  sims = rowwise_similarities(vectors, positions)
+  ordered, ordered_sims = triplet_math.order_by_similarity(positions, sims)
+  probs = triplet_math.pair_probabilities(ordered_sims, tau=TAU)
+  out = {
+      "positions": ordered,
+      "similarities": ordered_sims.astype(np.float32),
+      "soft_label": probs.astype(np.float32),
+      "entropy": triplet_math.entropy(probs).astype(np.float32),
+      "sampled_odd_kept": ordered[:, 2] == positions[:, 2],
+  }
+  if raw_vectors is not None:
+    raw_odd = triplet_math.odd_one_out(rowwise_similarities(raw_vectors, positions))
+    raw_odd_item = np.where(raw_odd >= 0, np.take_along_axis(positions, np.maximum(raw_odd, 0)[:, None], 1)[:, 0],
+                            -1)
+    out["odd_changed"] = raw_odd_item != ordered[:, 2]
+  return out
+
+
+def check_labels(similarities: np.ndarray, soft_label: np.ndarray, entropy: np.ndarray, atol: float = 1e-5) -> None:
+  """Raise if labelled triplets break the invariants every consumer relies on."""
+  s = np.asarray(similarities)
+  if not (np.all(s[:, 0] >= s[:, 1]) and np.all(s[:, 1] >= s[:, 2])):
+    bad = int(np.flatnonzero((s[:, 0] < s[:, 1]) | (s[:, 1] < s[:, 2]))[0])
+    raise ValueError(f"Triplet row {bad} is not ordered s01 >= s02 >= s12: {s[bad].tolist()}.")
+  p = np.asarray(soft_label, dtype=np.float64)
+  if not np.allclose(p.sum(-1), 1.0, atol=atol) or (p < 0).any():
+    raise ValueError("Soft labels must be probabilities summing to 1 per triplet.")
+  h = np.asarray(entropy, dtype=np.float64)
+  if (h < -atol).any() or (h > MAX_ENTROPY + atol).any():
+    raise ValueError(f"Entropies must lie in [0, log 3], got range [{h.min()}, {h.max()}].")
+
+
+def entropy_histogram(entropy: np.ndarray, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
+  """Counts over `bins` equal bins of [0, log 3] (edges fixed, so shard histograms add up)."""
+  edges = np.linspace(0.0, MAX_ENTROPY, bins + 1)
+  counts, _ = np.histogram(np.clip(np.asarray(entropy, np.float64), 0.0, MAX_ENTROPY), bins=edges)
+  return counts.astype(np.int64), edges
+
+
+def to_records(labelled: dict, triplet_ids: np.ndarray, strategy: str, ids: np.ndarray, file_names: np.ndarray,
+               labels: np.ndarray, clusters: np.ndarray | None) -> dict[str, np.ndarray]:
+  """A labelled block as triplet-schema columns (`shards.Columns`); row positions become source ids."""
+  pos = labelled["positions"]
+  m = len(pos)
+  return {
+      "triplet_id": np.asarray(triplet_ids, np.int64),
+      "strategy": np.full(m, strategy),
+      "indices": np.asarray(ids, np.int64)[pos],
+      "file_names": np.asarray(file_names).astype(str)[pos],
+      "labels": np.asarray(labels, np.int64)[pos],
+      "clusters": np.asarray(clusters, np.int64)[pos] if clusters is not None else np.full((m, 3), -1, np.int64),
+      "similarities": labelled["similarities"],
+      "soft_label": labelled["soft_label"],
+      "entropy": labelled["entropy"],
+  }

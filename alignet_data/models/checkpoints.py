@@ -1,0 +1,125 @@
+"""big_vision-style flat `.npz` checkpoints: one array per parameter, keys are tree paths joined with "/".
+
+Read and written through fsspec, so `gs://...`, `memory://...` and local paths all work. Saving is
+byte-deterministic (uncompressed npz, fixed zip dates, sorted keys).
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import jax
+import numpy as np
+
+# Prefixes under which a ViT image tower sits in other big_vision checkpoints (SigLIP two-towers: params/img/).
+IMAGE_TOWER_PREFIXES = ("", "params/", "img/", "params/img/")
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's parameters do not fit the model config: lists what is missing, unexpected, mis-shaped."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  """{"a": {"b": x}} -> {"a/b": x} (numpy arrays)."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, name + "/"))
+    else:
+      flat[name] = np.asarray(jax.device_get(value))
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{"a/b": x} -> {"a": {"b": x}}."""
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def save_checkpoint(path_or_url: str, params: Mapping[str, Any]) -> None:
+  """Writes `params` as a flat npz; the same params give the same bytes."""
+  flat = flatten(params)
+  buf = io.BytesIO()
+  np.savez(buf, **{k: flat[k] for k in sorted(flat)})
+  with fsspec.open(path_or_url, "wb") as f:
+    f.write(buf.getvalue())
+
+
+def load_flat(path_or_url: str) -> dict[str, np.ndarray]:
+  """All arrays of a flat npz checkpoint, keyed by their "/"-joined names."""
+  with fsspec.open(path_or_url, "rb") as f:
+    with np.load(f, allow_pickle=False) as z:
+      return {k: np.asarray(z[k]) for k in z.files}
+
+
+def load_checkpoint(path_or_url: str, prefix: str = "") -> dict[str, Any]:
+  """The parameter pytree of a flat npz checkpoint; with `prefix`, only that subtree (e.g. "params/img/")."""
+  flat = load_flat(path_or_url)
+  if prefix:
+    flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if not flat:
+      raise CheckpointMismatchError(f"No parameters under prefix {prefix!r} in {path_or_url}")
+  return unflatten(flat)
+
+
+def find_image_tower(flat: Mapping[str, Any]) -> str:
+  """The prefix under which a ViT sits ("" for a plain ViT checkpoint, "params/img/" for SigLIP)."""
+  for prefix in IMAGE_TOWER_PREFIXES:
+    if f"{prefix}embedding/kernel" in flat:
+      return prefix
+  sample = ", ".join(sorted(flat)[:8])
+  raise CheckpointMismatchError(
+      f"No ViT found: expected 'embedding/kernel' under one of the prefixes {IMAGE_TOWER_PREFIXES}; "
+      f"the checkpoint's first keys are: {sample}")
+
+
+def match_params(expected: Mapping[str, Any], loaded: Mapping[str, Any], source: str = "checkpoint",
+                 ignore_unexpected: bool = False) -> dict[str, Any]:
+  """Checks `loaded` against `expected` (a pytree of arrays or ShapeDtypeStructs) and returns it as float arrays.
+
+  Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped parameter, so a wrong config
+  (say, patch 16 for a /14 checkpoint) is diagnosed in one go instead of failing deep inside `apply`.
+  """
+  want = flatten_shapes(expected)
+  got = flatten(loaded)
+  missing = sorted(set(want) - set(got))
+  unexpected = [] if ignore_unexpected else sorted(set(got) - set(want))
+  misshaped = sorted(k for k in set(want) & set(got) if tuple(got[k].shape) != want[k])
+  if missing or unexpected or misshaped:
+    lines = [f"{source} does not fit the model config:"]
+    if missing:
+      lines.append(f"  missing ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+      lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20])
+                   + (" ..." if len(unexpected) > 20 else ""))
+    for k in misshaped[:20]:
+      lines.append(f"  mis-shaped: {k}: checkpoint {tuple(got[k].shape)} vs config {want[k]}")
+    if len(misshaped) > 20:
+      lines.append(f"  ... and {len(misshaped) - 20} more mis-shaped")
+    lines.append("Fix: choose the config the checkpoint was trained with (width, depth, mlp_dim, patch_size, "
+                 "image_size, pool_type, num_classes).")
+    raise CheckpointMismatchError("\n".join(lines))
+  return unflatten({k: got[k].astype(np.float32) if got[k].dtype != np.float32 else got[k] for k in want})
+
+
+def flatten_shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(v.shape) for k, v in _flatten_any(tree).items()}
+
+
+def _flatten_any(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten_any(value, f"{prefix}{key}/"))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat

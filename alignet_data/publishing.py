@@ -1,0 +1,263 @@
+"""Publish an artifact as an immutable, checksummed dataset version: ``<bucket>/<name>/<version>/``.
+
+Any fsspec filesystem (a local folder, ``gs://`` through gcsfs, ``memory://`` in tests). The protocol:
+1. refuse if ``<version>/manifest.json`` exists: a published version is never overwritten (bump the version);
+   a folder without a manifest is the debris of an interrupted publish and is cleared first;
+2. copy every file of the source artifact, hashing the bytes read (they must match the source manifest: a
+   corrupt source is never published) and then re-reading the copy (it must match too);
+3. write the dataset card (README.md, entropy histogram);
+4. write ``manifest.json`` LAST: the source manifest (so `artifacts.load` reads a published version like any
+   artifact, and `Artifact.verify` re-checks every sha256) with the card's files and a ``publication`` block.
+A version without a manifest is invisible, so an interrupted publish never shows a half-copied dataset.
+Two publishers racing on the same version are not arbitrated (object stores have no portable exclusive create).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import posixpath
+import re
+from collections.abc import Callable
+from typing import Any
+
+from alignet_data import artifacts
+
+CARD = "README.md"
+ENTROPY_PLOT = "entropy_histogram.png"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CHUNK = 1 << 22
+
+
+class PublishError(ValueError):
+  """A publish was refused (the version exists) or failed verification."""
+
+
+def version_url(bucket: str, name: str, version: str) -> str:
+  for what, value in (("name", name), ("version", version)):
+    if not _NAME_RE.match(str(value)):
+      raise ValueError(f"Bad dataset {what} {value!r}: use letters, digits, '.', '_' and '-' (e.g. 0.1.0).")
+  return artifacts.join(bucket, name, version)
+
+
+def _copy_verified(src: artifacts.Artifact, name: str, fs, dst_path: str) -> int:
+  """Copy one file, hashing what was read; raise ChecksumError if source or copy differ from the manifest."""
+  expected = src.files[name]["sha256"]
+  h = hashlib.sha256()
+  size = 0
+  fs.makedirs(posixpath.dirname(dst_path), exist_ok=True)
+  with src.open(name) as fin, fs.open(dst_path, "wb") as fout:
+    while chunk := fin.read(_CHUNK):
+      h.update(chunk)
+      fout.write(chunk)
+      size += len(chunk)
+  if h.hexdigest() != expected:
+    raise artifacts.ChecksumError(f"Source file {src.path(name)} is corrupt: sha256 {h.hexdigest()} != manifest "
+                                  f"{expected}. Nothing was published; regenerate the source artifact.")
+  copied = artifacts.sha256_file(fs, dst_path)
+  if copied != expected:
+    raise artifacts.ChecksumError(f"Copy of {name} at {dst_path} has sha256 {copied}, expected {expected}.")
+  return size
+
+
+def data_digest(files: dict[str, dict[str, Any]]) -> str:
+  """Digest of an artifact's data: every file's sha256 but report.json's (it holds the wall time)."""
+  return artifacts.digest({n: f["sha256"] for n, f in files.items() if n != artifacts.REPORT})
+
+
+def _write(fs, path: str, data: bytes) -> dict[str, Any]:
+  fs.makedirs(posixpath.dirname(path), exist_ok=True)
+  with fs.open(path, "wb") as f:
+    f.write(data)
+  return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: str, *, card: bool = True,
+            if_exists: str = "error", log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Publish `source` (a complete artifact) as `<bucket>/<name>/<version>/`.
+
+  Args:
+    if_exists: "error" (default) refuses an existing version; "skip_identical" accepts it when it holds the
+      same data (every file's sha256 but report.json's), for resumable chains; anything else is refused.
+
+  Returns:
+    {published_to, files, bytes, source, source_digest, already_published}.
+
+  Raises:
+    PublishError: the version exists (and is not an identical publish under "skip_identical").
+    artifacts.ChecksumError: the source or the copy does not match the source manifest.
+  """
+  if if_exists not in ("error", "skip_identical"):
+    raise ValueError(f"if_exists must be 'error' or 'skip_identical', got {if_exists!r}.")
+  src = source if isinstance(source, artifacts.Artifact) else artifacts.load(source)
+  dest = version_url(bucket, name, version)
+  fs, root = artifacts.url_to_fs(dest)
+  manifest_path = posixpath.join(root, artifacts.MANIFEST)
+  if fs.exists(manifest_path):
+    with fs.open(manifest_path, "rb") as f:
+      existing = json.loads(f.read())
+    same = existing.get("publication", {}).get("data_digest") == data_digest(src.files)
+    if if_exists == "skip_identical" and same:
+      log(f"[publish] {dest} already holds this artifact; nothing to do.")
+      return _result(dest, existing, src, already=True)
+    raise PublishError(f"{dest} already exists (published {existing.get('publication', {}).get('published')}); "
+                       f"a published version is never overwritten: publish under a new --version.")
+  if fs.exists(root):
+    log(f"[publish] clearing {dest}: left by an interrupted publish (it has no manifest).")
+    fs.rm(root, recursive=True)
+  files = {}
+  for fname in sorted(src.files):
+    _copy_verified(src, fname, fs, posixpath.join(root, fname))
+    files[fname] = dict(src.files[fname])
+  if card:
+    for fname, data in dataset_card(src, name, version, dest).items():
+      if fname in files:
+        raise PublishError(f"The source artifact already has a {fname}; publish it with card=False.")
+      files[fname] = _write(fs, posixpath.join(root, fname), data)
+  manifest = dict(src.manifest)
+  manifest["files"] = dict(sorted(files.items()))
+  manifest["publication"] = {
+      "name": name, "version": version, "source": src.url, "source_digest": src.digest,
+      "data_digest": data_digest(src.files),
+      "published": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+  _write(fs, manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())  # The commit point.
+  log(f"[publish] published {len(files)} files to {dest}")
+  return _result(dest, manifest, src, already=False)
+
+
+def _result(dest: str, manifest: dict[str, Any], src: artifacts.Artifact, already: bool) -> dict[str, Any]:
+  return {"published_to": dest, "files": len(manifest["files"]),
+          "bytes": sum(int(f["bytes"]) for f in manifest["files"].values()), "source": src.url,
+          "source_digest": src.digest, "already_published": already}
+
+
+def verify(url: str) -> artifacts.Artifact:
+  """Open a published version and re-check every file's sha256 (ChecksumError names a corrupt file)."""
+  art = artifacts.load(url)
+  if "publication" not in art.manifest:
+    raise PublishError(f"{url} is an artifact but not a published version (no `publication` in its manifest).")
+  art.verify()
+  return art
+
+
+# ----------------------------------------------------------------------------------------------- The card
+
+
+def dataset_card(src: artifacts.Artifact, name: str, version: str, dest: str) -> dict[str, bytes]:
+  """README.md (and the entropy histogram when the report has one): what, how made, schema, counts, loading."""
+  report = src.report if src.exists(artifacts.REPORT) else {}
+  out = {}
+  hist = report.get("entropy", {}).get("histogram")
+  if hist:
+    out[ENTROPY_PLOT] = _entropy_plot(hist)
+  out[CARD] = _card_text(src, report, name, version, dest, has_plot=bool(hist)).encode()
+  return out
+
+
+def _entropy_plot(hist: dict[str, list]) -> bytes:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  edges, counts = hist["edges"], hist["counts"]
+  fig, ax = plt.subplots(figsize=(4.5, 3.0), dpi=100)
+  ax.stairs(counts, edges, fill=True, color="tab:blue")
+  ax.set_xlabel("teacher label entropy (nats; max log 3)")
+  ax.set_ylabel("triplets")
+  ax.set_title("How uncertain the teacher is")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", metadata={"Software": None})
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _schema_rows(src: artifacts.Artifact) -> list[str]:
+  names = src.glob("schema/*.json")
+  if not names:
+    return []
+  spec = src.read_json(names[0])
+  rows = [f"Schema `{spec['name']}` v{spec['version']} (`{names[0]}`), one row per triplet:", "",
+          "| column | type | description |", "| --- | --- | --- |"]
+  for f in spec["fields"]:
+    kind = f"{f['dtype']}[{f['shape'][0]}]" if f["shape"] else f["dtype"]
+    rows.append(f"| `{f['name']}` | {kind} | {f['description']} |")
+  return rows
+
+
+def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, version: str, dest: str,
+               has_plot: bool) -> str:
+  config = src.config
+  splits = report.get("splits", {})
+  npz = report.get("npz") or {}
+  lines = [
+      f"# {name} {version}",
+      "",
+      "Triplets of images with a teacher model's human-aligned odd-one-out judgements, made as in AligNet",
+      "(Muttenthaler et al., Nature 2025): a vision model's embeddings, affinely transformed to match human",
+      "similarity judgements (THINGS, uncertainty distillation), label triplets sampled from an image collection.",
+      "Each triplet lists its items so that s01 >= s02 >= s12: items 0 and 1 are the teacher's most similar pair,",
+      "item 2 its odd one out. The soft label is softmax([s01, s02, s12]) at temperature 1.",
+      "",
+      "## How it was made",
+      "",
+      f"- stage `{src.stage}`, code version `{src.manifest.get('code_version')}`, created "
+      f"{src.manifest.get('created')}",
+  ]
+  for key in ("embeddings", "split", "transform", "clusters", "strategy", "num", "num_valid", "seed"):
+    if key in config:
+      lines.append(f"- `{key}`: `{json.dumps(config[key])}`")
+  lines.append(f"- input digests: `{json.dumps(src.manifest.get('inputs', {}), sort_keys=True)}`")
+  lines += ["", "## Counts", ""]
+  for split, n in splits.items():
+    lines.append(f"- {split}: {n} triplets")
+  for strategy, n in report.get("strategies", {}).items():
+    lines.append(f"- strategy `{strategy}`: {n}")
+  if "entropy" in report:
+    lines.append(f"- mean label entropy: {report['entropy']['mean']:.4f} nats (max {report['entropy']['max']:.4f})")
+  if report.get("odd_one_out_changed") is not None:
+    lines.append(f"- odd one out changed by the transform (vs the raw teacher): "
+                 f"{100 * report['odd_one_out_changed']:.1f}%")
+  if has_plot:
+    lines += ["", f"![label entropy]({ENTROPY_PLOT})"]
+  lines += ["", "## Schema", ""] + _schema_rows(src)
+  lines += [
+      "",
+      "## Loading",
+      "",
+      "Every file's sha256 is in `manifest.json`; `alignet_data.publishing.verify(URL)` re-checks them all.",
+      "",
+      "pyarrow / pandas:",
+      "```python",
+      "import glob, pyarrow.parquet as pq",
+      f"ROOT = '{dest}'  # wherever this version lives (gs://... works through fsspec)",
+      "train = pq.ParquetDataset(sorted(glob.glob(f'{ROOT}/shards/train-*.parquet'))).read()  # .to_pandas()",
+      "```",
+      "tf.data:",
+      "```python",
+      "import tensorflow as tf",
+      "from alignet_data import shards  # or write the spec from the schema table above",
+      "files = sorted(tf.io.gfile.glob(f'{ROOT}/shards/train-*.tfrecord'))",
+      "data = tf.data.TFRecordDataset(files).batch(512).map(",
+      "    lambda x: tf.io.parse_example(x, shards.tf_feature_spec()))",
+      "```",
+      "Grain (random access):",
+      "```python",
+      "import grain",
+      "data = grain.MapDataset.source(train.to_pylist()).shuffle(seed=0).batch(512)",
+      "```",
+  ]
+  if npz:
+    lines += ["The released AligNet trainer (google-deepmind/alignet) reads the npz files: point its `data_dir` at "
+              f"`{dest}/npz` (files: {', '.join(f'`{v}`' for v in npz.values())}).", ""]
+  lines += [
+      "",
+      "## Licence notes",
+      "",
+      "The released AligNet dataset is CC-BY 4.0. The images the triplets point to keep their own licences",
+      "(ImageNet: the ImageNet terms of access; the demo world: generated by this code). Teacher weights keep",
+      "their original licences.",
+      "",
+  ]
+  return "\n".join(lines)

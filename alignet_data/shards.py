@@ -1,0 +1,415 @@
+"""Triplet shards: the versioned record schema, Parquet and TFRecord codecs, schema checks, released-npz export.
+
+The schema lives as data in ``schemas/triplets_v1.json``; the pyarrow schema and the TF feature spec are both
+built from it, never inferred from records. A block of records is a dict of numpy columns (``Columns``):
+``triplet_id`` (m,) int64, ``strategy`` (m,) str, ``indices``/``labels``/``clusters`` (m, 3) int64,
+``file_names`` (m, 3) str, ``similarities``/``soft_label`` (m, 3) float32, ``entropy`` (m,) float32.
+
+TFRecord shards hold serialised ``tf.train.Example`` protos. They are encoded here with protobuf alone (the
+Example message built in a private descriptor pool, serialised with sorted map keys) and framed with crc32c,
+so writers need no TensorFlow (an 8 s, 730 MB import per Beam worker) and the bytes are deterministic; tests
+parse them with TensorFlow itself.
+
+Same rows => same bytes (for one pyarrow/protobuf version): Parquet with fixed options and no timestamps,
+Examples with deterministic serialisation, npz with fixed zip dates.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import posixpath
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alignet_data import artifacts
+
+SCHEMA_NAME = "triplets"
+SCHEMA_VERSION = 1
+SCHEMA_FILE = f"triplets_v{SCHEMA_VERSION}.json"
+SHARD_DIR = "shards"
+NPZ_DIR = "npz"
+SPLITS = ("train", "valid")
+_COMPRESSION = "zstd"
+_ARROW = {"int64": pa.int64(), "float32": pa.float32(), "string": pa.string()}
+_NUMPY = {"int64": np.int64, "float32": np.float32, "string": np.str_}
+
+Columns = dict[str, np.ndarray]
+
+
+class SchemaError(ValueError):
+  """A file or block of records does not match the triplet schema."""
+
+
+@functools.cache
+def schema_spec() -> dict[str, Any]:
+  """The schema as data (name, version, fields with dtype, shape, description)."""
+  text = importlib.resources.files("schemas").joinpath(SCHEMA_FILE).read_text()
+  spec = json.loads(text)
+  if spec["version"] != SCHEMA_VERSION:
+    raise SchemaError(f"{SCHEMA_FILE} declares version {spec['version']}, code expects {SCHEMA_VERSION}.")
+  return spec
+
+
+def fields() -> list[dict[str, Any]]:
+  return schema_spec()["fields"]
+
+
+def field_names() -> list[str]:
+  return [f["name"] for f in fields()]
+
+
+def arrow_schema() -> pa.Schema:
+  """The explicit Parquet schema: scalars, and fixed-size lists of 3 for per-item / per-pair fields."""
+  cols = []
+  for f in fields():
+    t = _ARROW[f["dtype"]]
+    cols.append(pa.field(f["name"], pa.list_(t, f["shape"][0]) if f["shape"] else t, nullable=False))
+  return pa.schema(cols, metadata={b"alignet.schema": SCHEMA_NAME.encode(),
+                                   b"alignet.schema_version": str(SCHEMA_VERSION).encode()})
+
+
+def tf_feature_spec() -> dict[str, Any]:
+  """`tf.io.parse_example` spec of the TFRecord shards (imports TensorFlow)."""
+  import tensorflow as tf
+  dtypes = {"int64": tf.int64, "float32": tf.float32, "string": tf.string}
+  return {f["name"]: tf.io.FixedLenFeature(f["shape"], dtypes[f["dtype"]]) for f in fields()}
+
+
+def check_columns(columns: Columns) -> Columns:
+  """The block as schema dtypes and shapes, or SchemaError naming the offending column."""
+  names = field_names()
+  if set(columns) != set(names):
+    raise SchemaError(f"Columns {sorted(columns)} do not match the schema fields {sorted(names)}.")
+  m = len(columns["triplet_id"])
+  out = {}
+  for f in fields():
+    value = np.asarray(columns[f["name"]])
+    if value.shape != (m, *f["shape"]):
+      raise SchemaError(f"Column {f['name']!r} has shape {value.shape}, expected {(m, *f['shape'])}.")
+    if f["dtype"] == "string":
+      if value.dtype.kind not in "UO":
+        raise SchemaError(f"Column {f['name']!r} must hold strings, got dtype {value.dtype}.")
+      out[f["name"]] = value.astype(str)
+    else:
+      kind = "i" if f["dtype"] == "int64" else "f"
+      if value.dtype.kind not in (kind + "u" if kind == "i" else kind):
+        raise SchemaError(f"Column {f['name']!r} must be {f['dtype']}, got dtype {value.dtype}.")
+      out[f["name"]] = value.astype(_NUMPY[f["dtype"]])
+  return out
+
+
+def concat(blocks: Iterable[Columns]) -> Columns:
+  blocks = list(blocks)
+  if not blocks:
+    return empty()
+  return {name: np.concatenate([b[name] for b in blocks]) for name in field_names()}
+
+
+def empty() -> Columns:
+  return {f["name"]: np.zeros((0, *f["shape"]), _NUMPY[f["dtype"]]) for f in fields()}
+
+
+def take(columns: Columns, rows: np.ndarray | slice) -> Columns:
+  return {k: v[rows] for k, v in columns.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- Parquet
+
+
+def to_table(columns: Columns) -> pa.Table:
+  columns = check_columns(columns)
+  arrays = []
+  for f in fields():
+    t = _ARROW[f["dtype"]]
+    value = columns[f["name"]]
+    if f["shape"]:
+      flat = pa.array(value.reshape(-1), type=t)
+      arrays.append(pa.FixedSizeListArray.from_arrays(flat, f["shape"][0]))
+    else:
+      arrays.append(pa.array(value, type=t))
+  return pa.Table.from_arrays(arrays, schema=arrow_schema())
+
+
+def from_table(table: pa.Table) -> Columns:
+  out = {}
+  for f in fields():
+    col = table.column(f["name"]).combine_chunks()
+    if f["shape"]:
+      col = col.flatten()
+    value = col.to_numpy(zero_copy_only=False)
+    value = value.astype(str) if f["dtype"] == "string" else value.astype(_NUMPY[f["dtype"]], copy=False)
+    out[f["name"]] = value.reshape(len(table), *f["shape"])
+  return out
+
+
+def write_parquet(url: str, columns: Columns) -> int:
+  """One row group, fixed options (same rows => same bytes). Returns the row count."""
+  table = to_table(columns)
+  with _open(url, "wb") as f:
+    pq.write_table(table, f, compression=_COMPRESSION, row_group_size=max(len(table), 1),
+                   write_statistics=True, store_schema=True)
+  return len(table)
+
+
+def read_parquet(source: Any) -> Columns:
+  """A Parquet shard (URL, path or file object) as columns, after checking its schema."""
+  if isinstance(source, str):
+    with _open(source, "rb") as f:
+      table = pq.read_table(f)
+  else:
+    table = pq.read_table(source)
+  _check_arrow_schema(table.schema, str(source))
+  return from_table(table)
+
+
+def _check_arrow_schema(schema: pa.Schema, what: str) -> None:
+  expected = arrow_schema()
+  if not schema.equals(expected, check_metadata=False):
+    raise SchemaError(f"{what}: Parquet schema\n{schema}\ndoes not match triplets v{SCHEMA_VERSION}:\n{expected}")
+  version = (schema.metadata or {}).get(b"alignet.schema_version")
+  if version != str(SCHEMA_VERSION).encode():
+    raise SchemaError(f"{what}: schema version {version!r}, expected {SCHEMA_VERSION}; rewrite the shards.")
+
+
+def check_parquet(url: str) -> int:
+  """Raise SchemaError unless the file has exactly the triplet schema; returns its row count."""
+  with _open(url, "rb") as f:
+    meta = pq.ParquetFile(f)
+    _check_arrow_schema(meta.schema_arrow, url)
+    return meta.metadata.num_rows
+
+
+# ------------------------------------------------------------------------------------------ tf.train.Example
+
+
+@functools.cache
+def _example_class() -> type:
+  """tensorflow.Example (tensorflow/core/example/{feature,example}.proto) built without TensorFlow.
+
+  A private descriptor pool keeps it from clashing with TensorFlow's own registration in the same process.
+  """
+  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+  fdp = descriptor_pb2.FieldDescriptorProto
+  proto = descriptor_pb2.FileDescriptorProto(name="alignet/tf_example.proto", package="tensorflow",
+                                             syntax="proto3")
+
+  def message(name, *field_specs, oneof=None):
+    msg = proto.message_type.add(name=name)
+    if oneof:
+      msg.oneof_decl.add(name=oneof)
+    for fname, number, ftype, label, type_name in field_specs:
+      fld = msg.field.add(name=fname, number=number, type=ftype, label=label)
+      if type_name:
+        fld.type_name = type_name
+      if oneof:
+        fld.oneof_index = 0
+    return msg
+
+  rep, opt = fdp.LABEL_REPEATED, fdp.LABEL_OPTIONAL
+  message("BytesList", ("value", 1, fdp.TYPE_BYTES, rep, None))
+  message("FloatList", ("value", 1, fdp.TYPE_FLOAT, rep, None))
+  message("Int64List", ("value", 1, fdp.TYPE_INT64, rep, None))
+  message("Feature", ("bytes_list", 1, fdp.TYPE_MESSAGE, opt, ".tensorflow.BytesList"),
+          ("float_list", 2, fdp.TYPE_MESSAGE, opt, ".tensorflow.FloatList"),
+          ("int64_list", 3, fdp.TYPE_MESSAGE, opt, ".tensorflow.Int64List"), oneof="kind")
+  features = message("Features", ("feature", 1, fdp.TYPE_MESSAGE, rep, ".tensorflow.Features.FeatureEntry"))
+  entry = features.nested_type.add(name="FeatureEntry")
+  entry.options.map_entry = True
+  entry.field.add(name="key", number=1, type=fdp.TYPE_STRING, label=opt)
+  entry.field.add(name="value", number=2, type=fdp.TYPE_MESSAGE, label=opt, type_name=".tensorflow.Feature")
+  message("Example", ("features", 1, fdp.TYPE_MESSAGE, opt, ".tensorflow.Features"))
+  pool = descriptor_pool.DescriptorPool()
+  pool.Add(proto)
+  return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
+
+
+_KIND = {"int64": "int64_list", "float32": "float_list", "string": "bytes_list"}
+
+
+def encode_examples(columns: Columns) -> list[bytes]:
+  """Serialised tf.train.Example per row (deterministic: map keys sorted)."""
+  columns = check_columns(columns)
+  example_cls = _example_class()
+  lists = {}
+  for f in fields():
+    value = columns[f["name"]].reshape(len(columns["triplet_id"]), -1)
+    if f["dtype"] == "string":
+      lists[f["name"]] = [[s.encode() for s in row] for row in value.tolist()]
+    else:
+      lists[f["name"]] = value.tolist()
+  out = []
+  for r in range(len(columns["triplet_id"])):
+    ex = example_cls()
+    feats = ex.features.feature
+    for f in fields():
+      getattr(feats[f["name"]], _KIND[f["dtype"]]).value.extend(lists[f["name"]][r])
+    out.append(ex.SerializeToString(deterministic=True))
+  return out
+
+
+def decode_examples(records: Iterable[bytes]) -> Columns:
+  """Parse serialised Examples back into columns; SchemaError on a missing/extra feature or a wrong length."""
+  example_cls = _example_class()
+  names = field_names()
+  values: dict[str, list] = {n: [] for n in names}
+  for i, raw in enumerate(records):
+    feats = example_cls.FromString(raw).features.feature
+    if set(feats.keys()) != set(names):
+      raise SchemaError(f"Record {i}: features {sorted(feats.keys())} do not match the schema {sorted(names)}.")
+    for f in fields():
+      feature = feats[f["name"]]
+      kind = feature.WhichOneof("kind")
+      got = list(getattr(feature, _KIND[f["dtype"]]).value)
+      want = f["shape"][0] if f["shape"] else 1
+      if kind != _KIND[f["dtype"]] or len(got) != want:
+        raise SchemaError(f"Record {i}: feature {f['name']!r} is {kind} of {len(got)} values, expected "
+                          f"{_KIND[f['dtype']]} of {want}.")
+      values[f["name"]].append(got)
+  out = {}
+  for f in fields():
+    v = values[f["name"]]
+    arr = np.array([[s.decode() for s in row] for row in v], dtype=str) if f["dtype"] == "string" else \
+        np.array(v, dtype=_NUMPY[f["dtype"]])
+    out[f["name"]] = arr.reshape(len(v), *f["shape"])
+  return out
+
+
+# ------------------------------------------------------------------------------------------- TFRecord framing
+
+
+def _masked_crc(data: bytes) -> int:
+  import google_crc32c
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_records(records: Iterable[bytes]) -> bytes:
+  """TFRecord framing: length, masked crc32c of the length, data, masked crc32c of the data."""
+  parts = []
+  for rec in records:
+    length = struct.pack("<Q", len(rec))
+    parts += [length, struct.pack("<I", _masked_crc(length)), rec, struct.pack("<I", _masked_crc(rec))]
+  return b"".join(parts)
+
+
+def unframe_records(data: bytes, what: str = "TFRecord") -> Iterator[bytes]:
+  """Records of a TFRecord file's bytes, checking both checksums of each."""
+  pos = 0
+  while pos < len(data):
+    if pos + 12 > len(data):
+      raise SchemaError(f"{what}: truncated record header at byte {pos}.")
+    length_bytes = data[pos:pos + 8]
+    (n,) = struct.unpack("<Q", length_bytes)
+    (crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    if crc != _masked_crc(length_bytes):
+      raise SchemaError(f"{what}: corrupt length checksum at byte {pos}.")
+    rec = data[pos + 12:pos + 12 + n]
+    if len(rec) != n or pos + 16 + n > len(data):
+      raise SchemaError(f"{what}: truncated record at byte {pos}.")
+    (crc,) = struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])
+    if crc != _masked_crc(rec):
+      raise SchemaError(f"{what}: corrupt data checksum in the record at byte {pos}.")
+    yield rec
+    pos += 16 + n
+
+
+def write_tfrecord(url: str, columns: Columns) -> int:
+  """One uncompressed TFRecord file of Examples. Returns the row count."""
+  records = encode_examples(columns)
+  with _open(url, "wb") as f:
+    f.write(frame_records(records))
+  return len(records)
+
+
+def read_tfrecord(url: str) -> Columns:
+  with _open(url, "rb") as f:
+    data = f.read()
+  return decode_examples(unframe_records(data, url))
+
+
+def check_tfrecord(url: str, decode_limit: int | None = None) -> int:
+  """Raise SchemaError unless every record is an Example with exactly the schema's features; returns the count.
+
+  Every record's framing and checksums are verified; `decode_limit` parses only the first records as Examples
+  (parsing is ~100 us per record in Python, for files the writer already built from checked columns).
+  """
+  with _open(url, "rb") as f:
+    records = list(unframe_records(f.read(), url))
+  decode_examples(records if decode_limit is None else records[:decode_limit])
+  return len(records)
+
+
+# ------------------------------------------------------------------------------------------------- Layout
+
+
+def shard_name(split: str, index: int, count: int, ext: str) -> str:
+  if split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; triplet shards have splits {SPLITS}.")
+  return f"{SHARD_DIR}/{split}-{index:05d}-of-{count:05d}.{ext}"
+
+
+def shard_bounds(num: int, num_shards: int) -> np.ndarray:
+  """Row offsets of each shard: shard i holds rows [b[i], b[i+1]) of a split (sizes differ by at most 1)."""
+  if num_shards < 1:
+    raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
+  return np.array([num * i // num_shards for i in range(num_shards + 1)], dtype=np.int64)
+
+
+def read_split(artifact: artifacts.Artifact, split: str, fmt: str = "parquet") -> Columns:
+  """Every record of a split in shard order (Parquet or TFRecord shards of a triplets artifact)."""
+  names = artifact.glob(f"{SHARD_DIR}/{split}-*.{fmt}")
+  if not names:
+    raise FileNotFoundError(f"No {fmt} shards of split {split!r} in {artifact.url}.")
+  read = read_parquet if fmt == "parquet" else read_tfrecord
+  return concat(read(artifact.path(n)) for n in names)
+
+
+# -------------------------------------------------------------------------------------- Released npz layout
+
+TRANSFORM_NAMES = ("uncertainty_distillation", "untransformed")
+_SAMPLING_NAMES = {"cluster_boundary": "cluster_border_{k}", "class_boundary": "class_border",
+                   "within_class": "within_class", "random": "random"}
+
+
+def sampling_name(strategies: Iterable[str], k: int | None = None) -> str:
+  """The released trainer's sampling tag: cluster_border_500, class_border, within_class, random or mixed."""
+  strategies = sorted(set(strategies))
+  if len(strategies) != 1:
+    return "mixed"
+  name = _SAMPLING_NAMES[strategies[0]]
+  return name.format(k=k) if "{k}" in name else name
+
+
+def npz_name(transform: str, split: str, sampling: str) -> str:
+  """``<transform>/<split>_<sampling>.npz``: the path the released trainer reads under its data_dir."""
+  if transform not in TRANSFORM_NAMES:
+    raise ValueError(f"Unknown transform name {transform!r}; the released layout uses {TRANSFORM_NAMES}.")
+  return f"{transform}/{split}_{sampling}.npz"
+
+
+def write_npz(f: Any, columns: Columns) -> None:
+  """The released arrays: `filenames` (n, 3) str, `similarities` (n, 3) float32, `indices` (n, 3) int64.
+
+  Compressed, like the released files; zip entries carry a fixed date, so the bytes are deterministic.
+  """
+  columns = check_columns(columns)
+  np.savez_compressed(f, filenames=columns["file_names"], similarities=columns["similarities"],
+                      indices=columns["indices"])
+
+
+def read_npz(f: Any) -> dict[str, np.ndarray]:
+  with np.load(f, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _open(url: str, mode: str):
+  fs, path = artifacts.url_to_fs(url)
+  if "w" in mode:
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+  return fs.open(path, mode)

@@ -1,0 +1,111 @@
+"""Stage `cluster`: transform the teacher embeddings, k-means them (faiss), pick k by the elbow criterion.
+
+  alignet cluster --embeddings E --transform T --out C            # elbow over k_grid
+  alignet cluster --embeddings E --transform T --k 500 --out C    # fixed k (the paper's c = 500)
+
+Writes ``clusters.npz`` (ids, cluster, centroids), ``elbow.json`` and ``elbow.png``; the report holds ``k``,
+``inertia`` (of the chosen k) and ``elbow`` (inertia per k of the grid).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from alignet_data import artifacts, clustering, embeddings
+from alignet_data.transform import Transform
+
+__all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run"]
+
+STAGE = "cluster"
+
+
+def default_config() -> dict[str, Any]:
+  return {
+      "embeddings": None,        # URL of an embed artifact.
+      "split": "pool",           # Which of its splits to cluster.
+      "transform": None,         # URL of an align artifact (or transform .npz); None clusters raw embeddings.
+      "k": None,                 # Fix the number of clusters; None picks it by the elbow over k_grid.
+      "k_grid": [5, 10, 15, 20, 25, 30, 40, 50, 60, 80],
+      "seed": 0,
+      "niter": 20,
+      "nredo": 3,                # k-means restarts from fresh k-means++ seedings (the lowest inertia wins).
+      "max_points_per_centroid": None,  # None trains on every point; faiss's default is 256 (a sample).
+      "plot": True,
+  }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--embeddings", help="Embed artifact URL.")
+  parser.add_argument("--split", help="Embeddings split to cluster (default: pool).")
+  parser.add_argument("--transform", help="Align artifact (or transform .npz) URL; omit for raw embeddings.")
+  parser.add_argument("--k", type=int, help="Number of clusters (default: elbow criterion over --k-grid).")
+  parser.add_argument("--k-grid", help="Comma-separated candidate k for the elbow, e.g. 100,200,500,1000.")
+  parser.add_argument("--seed", type=int, help="k-means seed.")
+  parser.add_argument("--niter", type=int, help="k-means iterations.")
+  parser.add_argument("--nredo", type=int, help="k-means restarts; the best objective wins.")
+  parser.add_argument("--max-points-per-centroid", type=int,
+                      help="Train on at most this many points per centroid (a seeded sample); default: all.")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  config = default_config()
+  for key in config:
+    value = getattr(args, key, None)
+    if value is not None:
+      config[key] = value
+  if isinstance(config["k_grid"], str):
+    config["k_grid"] = [int(v) for v in config["k_grid"].split(",") if v.strip()]
+  return config
+
+
+def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  urls = {"embeddings": _required(config, "embeddings")}
+  if config.get("transform"):
+    urls["transform"] = config["transform"]
+  return urls
+
+
+def _required(config: dict[str, Any], key: str) -> str:
+  if not config.get(key):
+    raise ValueError(f"The {STAGE} stage needs `{key}` (--{key.replace('_', '-')} URL).")
+  return config[key]
+
+
+def load_features(config: dict[str, Any]) -> tuple[embeddings.Embeddings, np.ndarray]:
+  """The split's embeddings and the features to cluster (transformed when a transform is given)."""
+  emb = embeddings.load(_required(config, "embeddings"), config["split"])
+  if len(emb) == 0:
+    raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} is empty.")
+  x = Transform.load(config["transform"]).apply(emb.vectors) if config.get("transform") else emb.vectors
+  return emb, x
+
+
+def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+  emb, x = load_features(config)
+  result = clustering.cluster(x, emb.ids, k=config["k"], k_grid=config["k_grid"], seed=config["seed"],
+                              niter=config["niter"], nredo=config["nredo"],
+                              max_points_per_centroid=config["max_points_per_centroid"], progress=True)
+  clustering.save(writer, result.clusters)
+  elbow = {"k": result.k_grid, "inertia": result.inertias, "chosen": result.clusters.k,
+           "chosen_by": result.chosen_by}
+  writer.write_json("elbow.json", elbow)
+  if config["plot"] and result.k_grid:
+    with writer.open("elbow.png", "wb") as f:
+      clustering.plot_elbow(result.k_grid, result.inertias, result.clusters.k, f)
+  sizes = np.bincount(result.clusters.cluster, minlength=result.clusters.k)
+  return {
+      "k": result.clusters.k,
+      "chosen_by": result.chosen_by,
+      "inertia": result.inertia,
+      "elbow": {"k": result.k_grid, "inertia": result.inertias},
+      "points": len(emb),
+      "dim": int(x.shape[1]),
+      "transformed": bool(config.get("transform")),
+      "cluster_size_min": int(sizes.min()),
+      "cluster_size_max": int(sizes.max()),
+      "singleton_clusters": int((sizes == 1).sum()),
+      "empty_clusters": int((sizes == 0).sum()),
+  }

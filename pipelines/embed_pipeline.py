@@ -1,0 +1,379 @@
+"""Stage `embed`: image sources -> teacher embeddings (a Beam pipeline around RunInference with a JAX model).
+
+    alignet embed --source 'files:DIR/**/*' --model demo-teacher --out OUT [--direct_num_workers=2 ...]
+
+The Beam graph (elements are numpy blocks of up to `batch_size` images, never single images):
+
+  Create(ReadTask per id range) -> Reshuffle -> ReadBlocks ---------------> failures -> ToList -> dead_letter.jsonl
+                                                    | blocks
+                     RunInference(JaxEmbedHandler: preprocess, pad to batch_size, jitted embed_fn)
+                                                    | embedded blocks
+      ByShard ((split, shard) -> piece) + one empty marker per shard -> GroupByKey -> WriteShard (sorted by id)
+
+Output bytes do not depend on the runner or worker count: blocks are cut from fixed id ranges, every batch
+has the same compiled shape, shard i holds exactly the ids of its id range (sorted) and is written once, and
+the dead-letter file is sorted. Extra command-line flags are Beam `PipelineOptions`, passed on untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference import base as inference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from alignet_data import artifacts, embeddings, image_sources
+
+__all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_from_args", "default_config",
+           "input_urls", "parse_source_flags", "run"]
+
+STAGE = "embed"
+DEAD_LETTER = "dead_letter.jsonl"
+NAMESPACE = "embed"
+_NAMED_SOURCE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)=(?P<spec>.+)$")
+
+
+def default_config() -> dict[str, Any]:
+  return {
+      "model": "demo-teacher",   # models.load_model spec: "demo-teacher" or "<config-name>:<checkpoint URL>".
+      "sources": {},             # split name -> source spec (alignet_data.image_sources), e.g. {"train": "tfds:..."}.
+      "batch_size": 64,          # Images per model call; the last block of a range is padded to it (one shape).
+      "dtype": "float32",        # Storage dtype of the vectors: float32 | float16.
+      "rows_per_shard": 4096,    # Ids per Parquet shard: shard i holds ids [i * n, (i + 1) * n).
+      "images_per_range": 1024,  # Ids per read task (the unit of Beam read parallelism); no effect on bytes.
+      "tfds_data_dir": None,     # data_dir for tfds: sources (None: TFDS's default, ~/tensorflow_datasets).
+  }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", help="Model spec: demo-teacher, demo-student or '<config-name>:<checkpoint>'.")
+  parser.add_argument(
+      "--source", action="append", metavar="[NAME=]SPEC",
+      help="Image source, repeatable: 'demo:<world>:things|pool', 'files:<glob>', 'tfds:<name>[:<ver>]:<split>'. "
+           "NAME= names the output split (default: the source's split; 'train' for files).")
+  parser.add_argument("--batch-size", type=int, help="Images per model call (fixed; the last one is padded).")
+  parser.add_argument("--dtype", choices=sorted(embeddings.STORAGE_DTYPES), help="Storage dtype of the vectors.")
+  parser.add_argument("--rows-per-shard", type=int, help="Ids per Parquet shard.")
+  parser.add_argument("--images-per-range", type=int, help="Ids per Beam read task.")
+  parser.add_argument("--tfds-data-dir", help="TFDS data_dir (local or gs://) for tfds: sources.")
+
+
+def parse_source_flags(flags: Sequence[str]) -> dict[str, str]:
+  """`--source` values -> {split name: spec}; a bare SPEC is named by its source's split."""
+  sources: dict[str, str] = {}
+  for flag in flags:
+    m = _NAMED_SOURCE.match(flag)
+    if m and not flag.startswith(("demo:", "files:", "tfds:")):
+      name, spec = m["name"], m["spec"]
+    else:
+      name, spec = _default_split_name(flag), flag
+    if name in sources:
+      raise ValueError(f"Two --source flags give split {name!r} ({sources[name]!r}, {spec!r}); "
+                       f"name them: --source NAME=SPEC.")
+    sources[name] = spec
+  return sources
+
+
+def _default_split_name(spec: str) -> str:
+  kind, _, rest = spec.partition(":")
+  if kind == "demo":
+    return rest.rpartition(":")[2]
+  if kind == "tfds":
+    split = rest.rpartition(":")[2]
+    name = re.sub(r"\W+", "_", split).strip("_")
+    if name != split:
+      raise ValueError(f"TFDS split {split!r} cannot name an output split; name it: --source NAME={spec}")
+    return name
+  if kind == "files":
+    return image_sources.FilesSource.split
+  raise ValueError(f"Bad image source {spec!r}. {image_sources.SPEC_HELP}")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  config = default_config()
+  for key in ("model", "batch_size", "dtype", "rows_per_shard", "images_per_range", "tfds_data_dir"):
+    value = getattr(args, key, None)
+    if value is not None:
+      config[key] = value
+  if getattr(args, "source", None):
+    config["sources"] = parse_source_flags(args.source)
+  return config
+
+
+def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  """The world artifact(s) of demo sources, the folders of file sources, a model checkpoint."""
+  urls: dict[str, str] = {}
+  demo = {split: image_sources.input_url(spec) for split, spec in config["sources"].items()
+          if spec.startswith("demo:")}
+  if len(set(demo.values())) == 1:
+    urls["world"] = next(iter(demo.values()))
+  else:
+    urls.update({f"world_{split}": url for split, url in demo.items()})
+  for split, spec in config["sources"].items():
+    if spec.startswith("files:") and image_sources.input_url(spec):
+      urls[f"files_{split}"] = image_sources.input_url(spec)
+  if ":" in config["model"]:
+    urls["model_checkpoint"] = config["model"].split(":", 1)[1]
+  return urls
+
+
+def _check_config(config: dict[str, Any]) -> None:
+  unknown = set(config) - set(default_config())
+  if unknown:
+    raise ValueError(f"Unknown embed config keys {sorted(unknown)}; known: {sorted(default_config())}.")
+  if not config["sources"]:
+    raise ValueError("No image sources: pass --source SPEC (e.g. --source 'files:DIR/**/*'). "
+                     + image_sources.SPEC_HELP)
+  for split in config["sources"]:
+    embeddings.check_split_name(split)
+  embeddings.check_dtype(config["dtype"])
+  for key in ("batch_size", "rows_per_shard", "images_per_range"):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f"embed config {key} must be a positive integer, got {config[key]!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts (no Beam): embedding a block with a fixed batch shape, cutting blocks into shard pieces.
+
+
+@dataclasses.dataclass
+class EmbeddedBlock:
+  split: str
+  ids: np.ndarray         # (n,) int64
+  labels: np.ndarray      # (n,) int64
+  file_names: np.ndarray  # (n,) str
+  vectors: np.ndarray     # (n, dim) float32
+
+
+def preprocess_block(model: Any, images: Any) -> np.ndarray:
+  """uint8 images (stacked, or a list of different sizes) -> the model's float32 (n, s, s, 3) input."""
+  if isinstance(images, np.ndarray):
+    return model.preprocess(images)
+  return np.concatenate([model.preprocess(im[None]) for im in images])
+
+
+def embed_padded(fn: Callable, params: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """fn(params, batch) over x in batches of exactly `batch_size` rows (the last zero-padded): one compiled shape,
+  and a row's result never depends on how the rows were grouped into blocks."""
+  outs = []
+  for start in range(0, len(x), batch_size):
+    chunk = x[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    outs.append(np.asarray(fn(params, chunk), np.float32)[:n])
+  return np.concatenate(outs)
+
+
+def split_by_shard(block: EmbeddedBlock, ids_per_shard: int) -> Iterable[tuple[tuple[str, int], EmbeddedBlock]]:
+  shard = embeddings.shard_of(block.ids, ids_per_shard)
+  for s in np.unique(shard):
+    sel = shard == s
+    yield (block.split, int(s)), EmbeddedBlock(block.split, block.ids[sel], block.labels[sel],
+                                               block.file_names[sel], block.vectors[sel])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beam shell.
+
+
+@dataclasses.dataclass
+class _Loaded:
+  model: Any
+  fn: Callable
+
+
+class JaxEmbedHandler(inference.ModelHandler):
+  """RunInference strategy for a JAX/Flax model from `alignet_data.models` (or any object with the same
+  `preprocess`, `embed_fn`, `params`): loaded once per worker process, `embed_fn` jitted, one input shape.
+
+  Elements are `ImageBlock`s of at most batch_size images; BatchElements passes them one at a time.
+  """
+
+  def __init__(self, model_spec: str, batch_size: int, load_fn: Callable[[str], Any] | None = None):
+    super().__init__(min_batch_size=1, max_batch_size=1)
+    self.model_spec = model_spec
+    self.batch_size = batch_size
+    self.load_fn = load_fn
+
+  def load_model(self) -> _Loaded:
+    import jax
+    if self.load_fn is not None:
+      model = self.load_fn(self.model_spec)
+    else:
+      from alignet_data import models
+      model = models.load_model(self.model_spec)
+    return _Loaded(model, jax.jit(model.embed_fn))
+
+  def run_inference(self, batch: Sequence[image_sources.ImageBlock], model: _Loaded,
+                    inference_args: dict[str, Any] | None = None) -> list[EmbeddedBlock]:
+    out = []
+    for block in batch:
+      x = preprocess_block(model.model, block.images)
+      vectors = embed_padded(model.fn, model.model.params, x, self.batch_size)
+      beam.metrics.Metrics.counter(NAMESPACE, "images").inc(len(block))
+      beam.metrics.Metrics.counter(NAMESPACE, "batches").inc(-(-len(block) // self.batch_size))
+      out.append(EmbeddedBlock(block.split, block.ids, block.labels, block.file_names, vectors))
+    return out
+
+  def get_num_bytes(self, batch: Sequence[image_sources.ImageBlock]) -> int:
+    return sum(sum(np.asarray(im).nbytes for im in b.images) for b in batch)
+
+  def get_metrics_namespace(self) -> str:
+    return NAMESPACE
+
+
+def _read_blocks(task: image_sources.ReadTask, sources: dict[str, image_sources.ImageSource], batch_size: int):
+  block, failures = sources[task.split].read(task)
+  for failure in failures:
+    beam.metrics.Metrics.counter(NAMESPACE, "failed").inc()
+    yield beam.pvalue.TaggedOutput("failed", failure)
+  for start in range(0, len(block), batch_size):
+    yield block.take(start, start + batch_size)
+
+
+def _write_shard(keyed: tuple[tuple[str, int], Iterable[EmbeddedBlock | None]], shard_dir: str,
+                 num_shards: dict[str, int], dim: int, dtype: str) -> tuple[str, int, int]:
+  (split, shard), pieces = keyed
+  pieces = [p for p in pieces if p is not None]
+  if pieces:
+    ids = np.concatenate([p.ids for p in pieces])
+    labels = np.concatenate([p.labels for p in pieces])
+    names = np.concatenate([p.file_names for p in pieces])
+    vectors = np.concatenate([p.vectors for p in pieces])
+  else:
+    ids, labels, names, vectors = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, str),
+                                   np.zeros((0, dim), np.float32))
+  n = num_shards[split]
+  name = embeddings.shard_name(split, shard, n).split("/", 1)[1]
+  rows = embeddings.write_shard(artifacts.join(shard_dir, name), ids, labels, names, vectors, dim, dtype)
+  return split, shard, rows
+
+
+def _write_dead_letter(failures: list[image_sources.DecodeFailure], url: str) -> int:
+  fs, path = artifacts.url_to_fs(url)
+  lines = [json.dumps(f.to_json(), sort_keys=True) + "\n" for f in sorted(failures, key=lambda f: (f.split, f.id))]
+  with fs.open(path, "wb") as f:
+    f.write("".join(lines).encode())
+  return len(lines)
+
+
+class EmbedImages(beam.PTransform):
+  """PBegin -> {"shards": (split, shard, rows), "dead_letter": count}: the whole embed graph (module docstring).
+
+  Files are side effects: shards under `shard_dir`, failures in `dead_letter_url`.
+  """
+
+  def __init__(self, sources: dict[str, image_sources.ImageSource], handler: JaxEmbedHandler, *, batch_size: int,
+               rows_per_shard: int, images_per_range: int, dtype: str, shard_dir: str, dead_letter_url: str):
+    super().__init__()
+    self.sources, self.handler = sources, handler
+    self.batch_size, self.rows_per_shard, self.images_per_range = batch_size, rows_per_shard, images_per_range
+    self.dtype, self.shard_dir, self.dead_letter_url = dtype, shard_dir, dead_letter_url
+
+  def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
+    tasks = [t for split, src in sorted(self.sources.items()) for t in src.tasks(split, self.images_per_range)]
+    num_shards = {split: embeddings.num_shards(len(src), self.rows_per_shard) for split, src in self.sources.items()}
+    read = (pbegin
+            | "Tasks" >> beam.Create(tasks)  # ReadTask
+            | "Spread" >> beam.Reshuffle()
+            | "ReadBlocks" >> beam.FlatMap(_read_blocks, self.sources, self.batch_size).with_outputs(
+                "failed", main="blocks"))  # blocks: ImageBlock of <= batch_size images; failed: DecodeFailure
+    embedded = read.blocks | "Embed" >> inference.RunInference(self.handler)  # EmbeddedBlock
+    dim = (embedded
+           | "Dim" >> beam.Map(lambda b: b.vectors.shape[1])
+           | "MaxDim" >> beam.CombineGlobally(lambda dims: max(dims, default=0)))  # int (0: nothing decoded)
+    pieces = embedded | "ByShard" >> beam.FlatMap(split_by_shard, self.rows_per_shard)  # ((split, shard), block)
+    every_shard = pbegin | "AllShards" >> beam.Create(
+        [((split, i), None) for split in sorted(num_shards) for i in range(num_shards[split])])
+    shards = ((pieces, every_shard)
+              | "Flatten" >> beam.Flatten()
+              | "GroupShards" >> beam.GroupByKey()  # ((split, shard), [EmbeddedBlock | None])
+              | "WriteShards" >> beam.Map(_write_shard, self.shard_dir, num_shards, beam.pvalue.AsSingleton(dim),
+                                          self.dtype))  # (split, shard, rows)
+    dead = (read.failed
+            | "CollectFailures" >> beam.combiners.ToList()  # [DecodeFailure]
+            | "WriteDeadLetter" >> beam.Map(_write_dead_letter, self.dead_letter_url))  # count
+    return {"shards": shards, "dead_letter": dead}
+
+
+def _counters(result: Any) -> dict[str, int]:
+  """Beam counters of the embed namespace (empty where the runner does not report metrics)."""
+  from apache_beam.metrics.metric import MetricsFilter
+  try:
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+  except Exception as e:  # Metrics support varies by runner; the report's numbers come from the files anyway.
+    logging.warning("Beam metrics unavailable: %s", e)
+    return {}
+  totals: dict[str, int] = {}
+  for c in query["counters"]:
+    totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+  return totals
+
+
+def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = (), *,
+        load_fn: Callable[[str], Any] | None = None) -> dict[str, Any]:
+  """Embed every source into `writer`'s artifact; `load_fn` replaces `models.load_model` (tests)."""
+  _check_config(config)
+  sources = {split: image_sources.parse(spec, tfds_data_dir=config["tfds_data_dir"])
+             for split, spec in sorted(config["sources"].items())}
+  for split, src in sources.items():
+    if len(src) == 0:
+      raise ValueError(f"Source {src.spec!r} (split {split!r}) has no records.")
+  handler = JaxEmbedHandler(config["model"], config["batch_size"], load_fn)
+  shard_dir = writer.makedirs(embeddings.SHARD_DIR)
+  dead_letter_url = writer.path(DEAD_LETTER)
+  p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+  _ = p | "EmbedImages" >> EmbedImages(
+      sources, handler, batch_size=config["batch_size"], rows_per_shard=config["rows_per_shard"],
+      images_per_range=config["images_per_range"], dtype=config["dtype"], shard_dir=shard_dir,
+      dead_letter_url=dead_letter_url)
+  result = p.run()
+  state = result.wait_until_finish()
+  if str(state).rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
+    raise RuntimeError(f"Embed pipeline ended in state {state}.")
+  return _finish(config, sources, writer, _counters(result))
+
+
+def _finish(config: dict[str, Any], sources: dict[str, image_sources.ImageSource], writer: artifacts.ArtifactWriter,
+            counters: dict[str, int]) -> dict[str, Any]:
+  """Index and report from what was written (authoritative on any runner, metrics or not)."""
+  import pyarrow.parquet as pq
+  with writer.open(DEAD_LETTER, "rb") as f:
+    failures = [json.loads(line) for line in f.read().decode().splitlines()]
+  entries, per_split = {}, {}
+  for split, src in sorted(sources.items()):
+    n = embeddings.num_shards(len(src), config["rows_per_shard"])
+    rows, dim = 0, 0
+    for i in range(n):
+      with writer.open(embeddings.shard_name(split, i, n), "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        rows += meta.num_rows
+        dim = meta.schema.to_arrow_schema().field("embedding").type.list_size
+    failed = sum(1 for f in failures if f["split"] == split)
+    entries[split] = {**embeddings.index_entry(len(src), config["rows_per_shard"], dim, config["dtype"], rows,
+                                               src.spec), **src.metadata()}
+    writer.set_rows(f"{embeddings.SHARD_DIR}/{split}", rows)
+    per_split[split] = {"images": rows, "failed": failed, "records": len(src), "shards": n}
+  embeddings.write_index(writer, entries, model=config["model"])
+  writer.set_rows(DEAD_LETTER, len(failures))
+  dims = {e["dim"] for e in entries.values() if e["rows"]}
+  report = {
+      "model": config["model"],
+      "dim": max(dims) if dims else 0,
+      "images": sum(s["images"] for s in per_split.values()),
+      "failed": len(failures),
+      "dead_letter": DEAD_LETTER,
+      "splits": per_split,
+      "counters": counters,
+  }
+  if failures:
+    logging.warning("embed: %d images failed to decode; see %s", len(failures), DEAD_LETTER)
+  return report

@@ -1,0 +1,63 @@
+"""Stage `publish`: copy an artifact to ``<bucket>/<name>/<version>/`` as an immutable, verified dataset.
+
+  alignet publish --from X --to file:///data/bucket --name alignet --version 0.1.0 --out P
+
+The published version is the data; this stage's own artifact (P) records where it went (report
+``published_to``) and the publication result. Publishing the same version twice is refused (bump --version);
+`--if-exists skip_identical` accepts a version already published from an identical source (for resumed chains).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from alignet_data import artifacts, publishing
+
+__all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run"]
+
+STAGE = "publish"
+
+
+def default_config() -> dict[str, Any]:
+  return {
+      "source": None,       # URL of the artifact to publish (a triplets artifact).
+      "bucket": None,       # Where versions live (fsspec URL: a folder, gs://bucket/path).
+      "name": "alignet",
+      "version": "0.1.0",
+      "card": True,         # Write the dataset card (README.md, entropy histogram).
+      "if_exists": "error",  # Or "skip_identical".
+  }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--from", dest="source", help="Artifact URL to publish (e.g. a triplets artifact).")
+  parser.add_argument("--to", dest="bucket", help="Bucket URL (local folder, file://, gs://...).")
+  parser.add_argument("--name", help="Dataset name (default: alignet).")
+  parser.add_argument("--version", dest="version", help="Dataset version, e.g. 0.1.0; never overwritten.")
+  parser.add_argument("--no-card", dest="card", action="store_const", const=False, help="Skip the dataset card.")
+  parser.add_argument("--if-exists", choices=["error", "skip_identical"], help="What to do if the version exists.")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  config = default_config()
+  for key in config:
+    value = getattr(args, key, None)
+    if value is not None:
+      config[key] = value
+  return config
+
+
+def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  for key, flag in (("source", "--from"), ("bucket", "--to")):
+    if not config.get(key):
+      raise ValueError(f"The {STAGE} stage needs `{key}` ({flag} URL).")
+  return {"source": config["source"]}
+
+
+def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+  input_urls(config)
+  result = publishing.publish(config["source"], config["bucket"], config["name"], config["version"],
+                              card=config["card"], if_exists=config["if_exists"])
+  writer.write_json("publication.json", result)
+  return {**result, "name": config["name"], "version": config["version"]}

@@ -1,0 +1,96 @@
+"""k-means clusters and the elbow criterion; the `cluster` stage on a small synthetic embeddings artifact."""
+import numpy as np
+import pytest
+
+from alignet_data import artifacts, clustering, embeddings
+from alignet_data.transform import Transform
+from pipelines import cluster_stage
+
+
+def _planted(n=1200, d=16, c=8, seed=0, spread=6.0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(c, d)) * spread
+  labels = np.arange(n) % c
+  return (centers[labels] + rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+def _embeddings_artifact(url, x, labels):
+  def fn(writer):
+    n = len(x)
+    entry = embeddings.write_split(writer, "pool", np.arange(n), labels, [f"img{i:05d}.png" for i in range(n)], x,
+                                   ids_per_shard=500)
+    embeddings.write_index(writer, {"pool": entry})
+    return {}
+  return artifacts.run_stage("embed", url, {"rows": len(x)}, {}, fn, log=lambda s: None)
+
+
+def _purity(truth, found):
+  """Fraction of points whose k-means cluster's majority true class is their own."""
+  hits = 0
+  for c in np.unique(found):
+    hits += np.bincount(truth[found == c]).max()
+  return hits / len(truth)
+
+
+def test_kmeans_recovers_planted_clusters_and_is_seeded():
+  x, truth = _planted()
+  c = clustering.kmeans(x, 8, seed=0)
+  labels, dist = clustering.assign(x, c)
+  assert _purity(truth, labels) > 0.97
+  np.testing.assert_array_equal(c, clustering.kmeans(x, 8, seed=0))
+  # assign is the nearest centroid by squared Euclidean distance.
+  brute = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(labels, brute.argmin(1))
+  np.testing.assert_allclose(dist, brute.min(1), rtol=1e-4, atol=1e-3)
+
+
+def test_elbow_picks_the_knee():
+  assert clustering.elbow([2, 4, 6, 8, 10, 12], [100.0, 60.0, 20.0, 17.0, 15.0, 14.0]) == 6
+  assert clustering.elbow([5, 10], [10.0, 5.0]) == 10  # No knee on two points: the largest k.
+  x, _ = _planted(c=8)
+  result = clustering.cluster(x, np.arange(len(x)), k_grid=[2, 4, 6, 8, 10, 12, 16, 24], seed=0)
+  assert result.chosen_by == "elbow" and result.clusters.k == 8
+  assert len(result.inertias) == 8 and result.inertia == result.inertias[3]
+
+
+def test_bad_k_fails_clearly():
+  x, _ = _planted(n=50)
+  with pytest.raises(ValueError, match="k = 60"):
+    clustering.kmeans(x, 60)
+  with pytest.raises(ValueError, match="No usable k"):
+    clustering.cluster(x, np.arange(50), k_grid=[100, 200])
+
+
+def test_clusters_for_other_embeddings_are_refused():
+  cl = clustering.Clusters(np.array([0, 1, 2]), np.array([0, 1, 1]), np.zeros((2, 4), np.float32))
+  np.testing.assert_array_equal(cl.for_ids(np.array([2, 0])), [1, 0])
+  with pytest.raises(ValueError, match="made from other embeddings"):
+    cl.for_ids(np.array([0, 5]))
+
+
+def test_cluster_stage_writes_clusters_elbow_and_report(tmp_path):
+  x, truth = _planted(n=900, c=6)
+  emb = _embeddings_artifact(str(tmp_path / "embed"), x, truth)
+  # A transform that scales and shifts: clusters of the transformed features are the same partition.
+  w = (np.eye(16) * 2).astype(np.float32)
+  np.savez(tmp_path / "t.npz", weights=w, bias=np.ones(16, np.float32), mean=np.float32(0), std=np.float32(1))
+  config = cluster_stage.default_config()
+  config.update(embeddings=emb.url, transform=str(tmp_path / "t.npz"), k_grid=[2, 4, 6, 9, 12])
+  art = artifacts.run_stage("cluster", str(tmp_path / "cluster"), config, cluster_stage.input_urls(config),
+                            lambda w: cluster_stage.run(config, w), log=lambda s: None)
+  report = art.report
+  assert report["k"] == 6 and report["chosen_by"] == "elbow" and report["transformed"]
+  assert report["elbow"]["k"] == [2, 4, 6, 9, 12] and len(report["elbow"]["inertia"]) == 5
+  assert {"clusters.npz", "elbow.json", "elbow.png"} <= set(art.files)
+  cl = clustering.load(art.url)
+  assert cl.ids.dtype == np.int64 and cl.cluster.dtype == np.int64 and cl.centroids.dtype == np.float32
+  assert cl.centroids.shape == (6, 16)
+  assert _purity(truth, cl.cluster) > 0.97
+  # Centroids live in the transformed space.
+  t = Transform.load(str(tmp_path / "t.npz")).apply(x)
+  np.testing.assert_array_equal(cl.cluster, clustering.assign(t, cl.centroids)[0])
+
+  fixed = dict(config, k=3)
+  art3 = artifacts.run_stage("cluster", str(tmp_path / "c3"), fixed, cluster_stage.input_urls(fixed),
+                             lambda w: cluster_stage.run(fixed, w), log=lambda s: None)
+  assert art3.report["k"] == 3 and art3.report["chosen_by"] == "fixed" and "elbow.png" not in art3.files

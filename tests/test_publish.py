@@ -1,0 +1,115 @@
+"""Publishing: verified copies, manifest last, never overwriting a version, corruption detected."""
+import json
+
+import numpy as np
+import pytest
+
+from alignet_data import artifacts, publishing
+from pipelines import publish_stage
+
+
+def _source(url):
+  """A small complete artifact shaped like a triplets artifact (a shard, a schema, a report)."""
+  def fn(writer):
+    with writer.open("shards/train-00000-of-00001.parquet") as f:
+      f.write(b"parquet bytes" * 100)
+    writer.write_npz("npz/untransformed/train_random.npz", indices=np.arange(6).reshape(2, 3))
+    return {"splits": {"train": 2}, "strategies": {"random": 2},
+            "entropy": {"mean": 0.5, "max": float(np.log(3)),
+                        "histogram": {"edges": [0.0, 0.5, 1.0986], "counts": [1, 1]}}}
+  return artifacts.run_stage("triplets", url, {"num": 2, "seed": 0}, {}, fn, log=lambda s: None)
+
+
+def test_publish_copies_verifies_and_writes_card_and_manifest(tmp_path):
+  src = _source(str(tmp_path / "src"))
+  out = publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
+  dest = tmp_path / "bucket" / "alignet" / "0.1.0"
+  assert out["published_to"] == str(dest) and not out["already_published"]
+  for name in src.files:
+    assert (dest / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+  card = (dest / "README.md").read_text()
+  assert "alignet 0.1.0" in card and "train: 2 triplets" in card and "tf.data" in card
+  assert (dest / "entropy_histogram.png").read_bytes()[:4] == b"\x89PNG"
+  # A published version reads like any artifact, and every sha256 checks out.
+  art = publishing.verify(str(dest))
+  assert art.stage == "triplets" and art.manifest["publication"]["version"] == "0.1.0"
+  assert set(art.files) == set(src.files) | {"README.md", "entropy_histogram.png"}
+
+
+def test_a_second_publish_of_a_version_is_refused(tmp_path):
+  src = _source(str(tmp_path / "src"))
+  bucket = str(tmp_path / "bucket")
+  publishing.publish(src.url, bucket, "alignet", "0.1.0", log=lambda s: None)
+  before = (tmp_path / "bucket" / "alignet" / "0.1.0" / "manifest.json").read_bytes()
+  with pytest.raises(publishing.PublishError, match="never overwritten: publish under a new --version"):
+    publishing.publish(src.url, bucket, "alignet", "0.1.0", log=lambda s: None)
+  assert (tmp_path / "bucket" / "alignet" / "0.1.0" / "manifest.json").read_bytes() == before
+  # A resumable chain may accept an identical earlier publish.
+  again = publishing.publish(src.url, bucket, "alignet", "0.1.0", if_exists="skip_identical", log=lambda s: None)
+  assert again["already_published"]
+  # ... also when the source was regenerated (new timestamps and wall time) with the same data bytes.
+  regenerated = _source(str(tmp_path / "src2"))
+  assert publishing.publish(regenerated.url, bucket, "alignet", "0.1.0", if_exists="skip_identical",
+                            log=lambda s: None)["already_published"]
+  publishing.publish(src.url, bucket, "alignet", "0.1.1", log=lambda s: None)  # A new version is fine.
+
+
+def test_an_interrupted_publish_leaves_no_manifest_and_a_retry_completes(tmp_path, monkeypatch):
+  src = _source(str(tmp_path / "src"))
+  bucket = str(tmp_path / "bucket")
+  real = publishing._copy_verified
+  calls = []
+
+  def dies_on_second_file(*args):
+    calls.append(args[1])
+    if len(calls) == 2:
+      raise KeyboardInterrupt("killed mid-publish")
+    return real(*args)
+
+  monkeypatch.setattr(publishing, "_copy_verified", dies_on_second_file)
+  with pytest.raises(KeyboardInterrupt):
+    publishing.publish(src.url, bucket, "alignet", "0.1.0", log=lambda s: None)
+  dest = tmp_path / "bucket" / "alignet" / "0.1.0"
+  assert dest.exists() and not (dest / "manifest.json").exists()
+  with pytest.raises(artifacts.IncompleteArtifactError):
+    artifacts.load(str(dest))
+  monkeypatch.setattr(publishing, "_copy_verified", real)
+  publishing.publish(src.url, bucket, "alignet", "0.1.0", log=lambda s: None)
+  publishing.verify(str(dest))
+
+
+def test_a_corrupt_source_is_not_published_and_a_corrupt_copy_is_detected(tmp_path):
+  src = _source(str(tmp_path / "src"))
+  shard = tmp_path / "src" / "shards" / "train-00000-of-00001.parquet"
+  good = shard.read_bytes()
+  shard.write_bytes(b"X" + good[1:])
+  with pytest.raises(artifacts.ChecksumError, match="is corrupt"):
+    publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
+  assert not (tmp_path / "bucket" / "alignet" / "0.1.0" / "manifest.json").exists()
+  shard.write_bytes(good)
+  publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
+  copy = tmp_path / "bucket" / "alignet" / "0.1.0" / "shards" / "train-00000-of-00001.parquet"
+  copy.write_bytes(good[:-1] + b"Y")
+  with pytest.raises(artifacts.ChecksumError, match="train-00000-of-00001.parquet"):
+    publishing.verify(str(tmp_path / "bucket" / "alignet" / "0.1.0"))
+
+
+def test_publish_works_on_any_fsspec_filesystem():
+  src = _source("memory://pub-test/src")
+  out = publishing.publish(src.url, "memory://pub-test/bucket", "alignet", "1.0.0", log=lambda s: None)
+  assert out["published_to"] == "memory://pub-test/bucket/alignet/1.0.0"
+  publishing.verify(out["published_to"])
+  with pytest.raises(ValueError, match="Bad dataset version"):
+    publishing.publish(src.url, "memory://pub-test/bucket", "alignet", "../x", log=lambda s: None)
+
+
+def test_publish_stage_records_where_it_published(tmp_path):
+  src = _source(str(tmp_path / "src"))
+  config = publish_stage.default_config()
+  config.update(source=src.url, bucket=str(tmp_path / "bucket"), name="alignet-demo")
+  art = artifacts.run_stage("publish", str(tmp_path / "publish"), config, publish_stage.input_urls(config),
+                            lambda w: publish_stage.run(config, w), log=lambda s: None)
+  assert art.report["published_to"] == str(tmp_path / "bucket" / "alignet-demo" / "0.1.0")
+  assert json.loads((tmp_path / "publish" / "publication.json").read_text())["files"] == art.report["files"]
+  with pytest.raises(ValueError, match="--to"):
+    publish_stage.input_urls(publish_stage.default_config() | {"source": src.url})

@@ -1,0 +1,151 @@
+"""The `triplets` Beam pipeline end to end (cluster -> triplets -> publish) on a small synthetic embeddings store."""
+import numpy as np
+import pytest
+
+from alignet_data import artifacts, clustering, embeddings, publishing, shards, triplet_math
+from pipelines import cluster_stage, publish_stage
+from pipelines import triplets_pipeline as tp
+
+N, D, CLASSES = 600, 16, 6
+MIX = "cluster_boundary:2,random:1,class_boundary:1,within_class:1"
+
+
+def _quiet(_):
+  pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """An embeddings artifact (ids offset, so ids != rows), a transform, and clusters of the transformed space."""
+  root = tmp_path_factory.mktemp("triplets")
+  rng = np.random.default_rng(0)
+  labels = np.arange(N) % CLASSES
+  x = (rng.normal(size=(CLASSES, D))[labels] * 2 + rng.normal(size=(N, D))).astype(np.float32)
+  ids = np.arange(N) * 2 + 5
+
+  def embed(writer):
+    entry = embeddings.write_split(writer, "pool", ids, labels, [f"img{i:05d}.png" for i in ids], x,
+                                   ids_per_shard=700)
+    embeddings.write_index(writer, {"pool": entry})
+    return {}
+
+  emb = artifacts.run_stage("embed", str(root / "embed"), {}, {}, embed, log=_quiet)
+  w = (np.eye(D) + 0.5 * rng.normal(size=(D, D))).astype(np.float32) / 4
+  np.savez(root / "transform.npz", weights=w, bias=np.zeros(D, np.float32), mean=np.float32(0), std=np.float32(1))
+  cconf = cluster_stage.default_config() | {"embeddings": emb.url, "transform": str(root / "transform.npz"), "k": 8}
+  cl = artifacts.run_stage("cluster", str(root / "cluster"), cconf, cluster_stage.input_urls(cconf),
+                           lambda wr: cluster_stage.run(cconf, wr), log=_quiet)
+  config = tp.default_config() | {
+      "embeddings": emb.url, "transform": str(root / "transform.npz"), "clusters": cl.url, "strategy": MIX,
+      "num": 3000, "num_valid": 300, "seed": 0, "block_size": 500, "num_shards": 3,
+      "formats": ["parquet", "tfrecord", "npz"]}
+  return root, emb, cl, config
+
+
+def _run(config, out, beam_args=()):
+  return artifacts.run_stage("triplets", str(out), config, tp.input_urls(config),
+                             lambda w: tp.run(config, w, beam_args), log=_quiet)
+
+
+@pytest.fixture(scope="module")
+def triplets(world):
+  root, _, _, config = world
+  return _run(config, root / "triplets")
+
+
+def test_report_counts_every_split_and_strategy(triplets):
+  r = triplets.report
+  assert r["triplets"] == 3000 and r["splits"] == {"train": 3000, "valid": 300}
+  assert r["strategies_by_split"]["train"] == {"cluster_boundary": 1200, "random": 600, "class_boundary": 600,
+                                               "within_class": 600}
+  assert sum(r["strategies"].values()) == 3300
+  assert sum(r["entropy"]["histogram"]["counts"]) == 3300
+  assert 0.0 < r["entropy"]["mean"] < np.log(3)
+  assert 0.0 <= r["odd_one_out_changed"] <= 1.0 and r["transformed"] and r["k"] == 8
+  assert r["shards"] == {"train": 3, "valid": 1}
+
+
+def test_every_record_satisfies_the_schema_and_the_sampling_constraints(world, triplets):
+  _, emb_art, cl_art, _ = world
+  emb = embeddings.load(emb_art, "pool")
+  cl = clustering.load(cl_art)
+  train = shards.read_split(triplets, "train")
+  valid = shards.read_split(triplets, "valid")
+  for cols in (train, valid):
+    s = cols["similarities"]
+    assert np.all(s[:, 0] >= s[:, 1]) and np.all(s[:, 1] >= s[:, 2])
+    np.testing.assert_allclose(cols["soft_label"], triplet_math.pair_probabilities(s), rtol=1e-5, atol=1e-6)
+    assert np.all(triplet_math.odd_one_out(s) == 2)
+    rows = emb.rows(cols["indices"])  # Every index is an embedding id ...
+    np.testing.assert_array_equal(cols["file_names"], emb.file_names[rows])  # ... with its file name,
+    np.testing.assert_array_equal(cols["labels"], emb.labels[rows])  # label and cluster.
+    np.testing.assert_array_equal(cols["clusters"], cl.cluster[rows])
+    i = cols["indices"]
+    assert np.all((i[:, 0] != i[:, 1]) & (i[:, 0] != i[:, 2]) & (i[:, 1] != i[:, 2]))
+    for strategy, group in (("cluster_boundary", "clusters"), ("class_boundary", "labels")):
+      g = cols[group][cols["strategy"] == strategy]
+      pair_same = (g[:, 0] == g[:, 1]).astype(int) + (g[:, 0] == g[:, 2]) + (g[:, 1] == g[:, 2])
+      assert np.all(pair_same == 1), strategy  # Exactly one pair shares a group: 2 from one, 1 from another.
+    g = cols["labels"][cols["strategy"] == "within_class"]
+    assert np.all((g[:, 0] == g[:, 1]) & (g[:, 1] == g[:, 2]))
+  # Train ids 0..2999 in shard order; valid ids are disjoint.
+  np.testing.assert_array_equal(train["triplet_id"], np.arange(3000))
+  np.testing.assert_array_equal(valid["triplet_id"], tp.VALID_ID_BASE + np.arange(300))
+
+
+def test_tfrecord_and_npz_hold_the_same_triplets_as_parquet(triplets):
+  train = shards.read_split(triplets, "train")
+  tf_train = shards.read_split(triplets, "train", fmt="tfrecord")
+  for k in train:
+    np.testing.assert_array_equal(train[k], tf_train[k], err_msg=k)
+  name = triplets.report["npz"]["train"]
+  assert name == "npz/uncertainty_distillation/train_mixed.npz"  # A strategy mix is tagged "mixed".
+  with triplets.open(name) as f:
+    z = shards.read_npz(f)
+  assert sorted(z) == ["filenames", "indices", "similarities"]
+  np.testing.assert_array_equal(z["indices"], train["indices"])
+  np.testing.assert_array_equal(z["similarities"], train["similarities"])
+  np.testing.assert_array_equal(z["filenames"], train["file_names"])
+
+
+def _data_hashes(art):
+  return {k: v["sha256"] for k, v in art.files.items() if k != "report.json"}
+
+
+def test_same_bytes_whatever_block_size_and_worker_count(world, triplets, tmp_path):
+  _, _, _, config = world
+  other = _run(config | {"block_size": 211}, tmp_path / "t2",
+               ["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+  assert _data_hashes(other) == _data_hashes(triplets)
+  # Another shard count re-cuts the same triplets.
+  one = _run(config | {"num_shards": 1, "formats": ["parquet"]}, tmp_path / "t3")
+  a, b = shards.read_split(triplets, "train"), shards.read_split(one, "train")
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_untransformed_labels_and_clear_errors(world, tmp_path):
+  _, emb, cl, config = world
+  raw = _run(config | {"transform": None, "strategy": "random", "num": 200, "num_valid": 0, "num_shards": 5,
+                       "formats": ["parquet", "npz"]}, tmp_path / "raw")
+  assert raw.report["odd_one_out_changed"] is None and raw.report["splits"] == {"train": 200}
+  assert raw.report["npz"] == {"train": "npz/untransformed/train_random.npz"}
+  with pytest.raises(ValueError, match="needs clusters: pass --clusters"):
+    _run(config | {"clusters": None, "strategy": "cluster_boundary"}, tmp_path / "e1")
+  with pytest.raises(ValueError, match="Unknown output format"):
+    _run(config | {"formats": ["csv"]}, tmp_path / "e2")
+  with pytest.raises(ValueError, match="distinct ones exist"):
+    _run(config | {"strategy": "random", "num": 40_000_000}, tmp_path / "e3")
+  assert not (tmp_path / "e3").exists()
+
+
+def test_publish_the_triplets_and_read_them_back(world, triplets):
+  root = world[0]
+  config = publish_stage.default_config() | {"source": triplets.url, "bucket": str(root / "bucket"),
+                                             "name": "alignet-test"}
+  art = artifacts.run_stage("publish", str(root / "publish"), config, publish_stage.input_urls(config),
+                            lambda w: publish_stage.run(config, w), log=_quiet)
+  published = publishing.verify(art.report["published_to"])
+  assert published.manifest["publication"]["source_digest"] == triplets.digest
+  np.testing.assert_array_equal(shards.read_split(published, "valid")["indices"],
+                                shards.read_split(triplets, "valid")["indices"])
