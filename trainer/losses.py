@@ -1,0 +1,100 @@
+"""Triplet losses for fine-tuning a student on AligNet triplets (paper, Methods: "Objective function").
+
+The target is the teacher's 3-way distribution softmax(similarities) with NO temperature: the stored
+similarities already carry the teacher's temperature tau' = 1 (the released trainer does the same). The
+prediction is softmax(student dot products / tau) with tau = 100, because raw ViT dot products are large and
+a temperature of 1 would give near one-hot predictions. Pairs are in the fixed order [s01, s02, s12].
+
+All functions return one value per triplet (B,); average them yourself (so a masked or weighted mean stays
+possible). They are pure JAX and jit/grad-safe.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_TAU = 100.0
+
+# ODD_OF_PAIR in triplet_math: pair (0,1) leaves out item 2, (0,2) item 1, (1,2) item 0.
+_ODD_OF_PAIR = jnp.array([2, 1, 0])
+
+
+def pair_dots(z: jax.Array, normalize: bool = False) -> jax.Array:
+  """(B, 3, d) triplet representations -> (B, 3) dot products [s01, s02, s12]."""
+  if normalize:
+    z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+  return jnp.stack([
+      jnp.sum(z[:, 0] * z[:, 1], axis=-1),
+      jnp.sum(z[:, 0] * z[:, 2], axis=-1),
+      jnp.sum(z[:, 1] * z[:, 2], axis=-1),
+  ], axis=-1)
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """KL(p || q) per row from log-probabilities; rows where p = 0 contribute 0 (no 0 * -inf)."""
+  p = jnp.exp(log_p)
+  return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def kl_from_similarities(student_sims: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
+  """KL(softmax(target_sims) || softmax(student_sims / tau)) per triplet, in nats."""
+  log_p = jax.nn.log_softmax(target_sims.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(student_sims.astype(jnp.float32) / tau, axis=-1)
+  return _kl(log_p, log_q)
+
+
+def js_from_similarities(student_sims: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
+  """Jensen-Shannon divergence between the same two distributions as `kl_from_similarities` (<= log 2)."""
+  log_p = jax.nn.log_softmax(target_sims.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(student_sims.astype(jnp.float32) / tau, axis=-1)
+  log_m = jnp.logaddexp(log_p, log_q) - jnp.log(2.0)  # Stays finite where p or q underflows to 0.
+  return 0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)
+
+
+def contrastive_from_similarities(student_sims: jax.Array, target_sims: jax.Array,
+                                  tau: float = DEFAULT_TAU) -> jax.Array:
+  """Hard loss: NLL of the teacher's most similar pair under softmax(student_sims / tau)."""
+  best = jnp.argmax(target_sims, axis=-1)
+  log_q = jax.nn.log_softmax(student_sims.astype(jnp.float32) / tau, axis=-1)
+  return -jnp.take_along_axis(log_q, best[:, None], axis=-1)[:, 0]
+
+
+LOSSES: dict[str, Callable[..., jax.Array]] = {
+    "kl": kl_from_similarities,
+    "js": js_from_similarities,
+    "contrastive": contrastive_from_similarities,
+}
+
+
+def get_loss(name: str) -> Callable[..., jax.Array]:
+  """The per-triplet loss on similarities by name: 'kl' (the paper), 'js' (the released config), 'contrastive'."""
+  if name not in LOSSES:
+    raise ValueError(f"Unknown triplet loss {name!r}; choose one of {sorted(LOSSES)}.")
+  return LOSSES[name]
+
+
+def kl_triplet_loss(z: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
+  """The AligNet KL loss on (B, 3, d) student representations; (B,) values."""
+  return kl_from_similarities(pair_dots(z), target_sims, tau)
+
+
+def js_triplet_loss(z: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
+  """The JS variant (the released SigLIP config uses it); (B,) values."""
+  return js_from_similarities(pair_dots(z), target_sims, tau)
+
+
+def triplet_agreement(student_sims: jax.Array, target_sims: jax.Array) -> jax.Array:
+  """1.0 where the student's odd one out equals the teacher's, else 0.0; a tie in the student counts as wrong.
+
+  Triplets whose TEACHER top similarity is tied have no defined answer; they are counted as wrong too (never
+  happens with float similarities from real embeddings).
+  """
+  def odd(s):
+    best = jnp.argmax(s, axis=-1)
+    tied = jnp.sum(s == jnp.max(s, axis=-1, keepdims=True), axis=-1) > 1
+    return jnp.where(tied, -1, _ODD_OF_PAIR[best])
+
+  student, teacher = odd(student_sims), odd(target_sims)
+  return ((student == teacher) & (teacher >= 0)).astype(jnp.float32)
