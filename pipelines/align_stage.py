@@ -1,0 +1,204 @@
+"""Stage `align`: fit the uncertainty-distillation transform of teacher features to human (soft) triplet labels.
+
+Inputs: teacher features of the THINGS(-like) objects, in object order (an embed artifact's split, default
+`things`, or an `.npy` (n_objects, p) matrix), and the human side: a `human` artifact (its triplets and soft labels
+p*) or triplet files (`train`, `test`; hard labels only). Outputs: `transform.npz` (weights, bias, mean, std:
+gLocal's layout), `cv.json` and `cv.png` (the lambda curve), and the report: held-out odd-one-out accuracy, NLL
+(and KL to p* when soft labels are given) before (raw features) and after the transform.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from alignet_data import alignment, artifacts, things
+
+STAGE = "align"
+__all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "load_features"]
+
+
+def default_config() -> dict[str, Any]:
+  """Defaults are gLocal's (lambda grid 1e3..1e-5, 3 object folds, Adam 1e-3, clipping 1.0, patience 10)."""
+  return {
+      "features": None,          # Embed artifact URL, or an .npy (n_objects, p) file in object order.
+      "features_split": "things",
+      "human": None,             # Human artifact URL (triplets + soft labels) ...
+      "train": None,             # ... or triplet files (hard labels only).
+      "test": None,
+      "loss": "soft",            # soft | hard
+      "target": "identity",      # identity | scaled_identity
+      "lambdas": list(alignment.DEFAULT_LAMBDAS),
+      "folds": 3,
+      "select_by": "loss",
+      "lr": 1e-3,
+      "batch_size": 256,
+      "max_epochs": 100,
+      "min_epochs": 5,
+      "patience": 10,
+      "clip_norm": 1.0,
+      "val_fraction": 0.1,
+      "init_scale": 1e-3,
+      "use_bias": True,
+      "regularise_bias": False,
+      "seed": 0,
+  }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--features", help="Embed artifact URL or .npy (n_objects, p) of teacher features.")
+  parser.add_argument("--features-split", help="Split of the embed artifact holding the THINGS objects.")
+  parser.add_argument("--human", help="Human artifact URL (triplets and soft labels p*).")
+  parser.add_argument("--train", help="Training triplet file (instead of --human; hard labels).")
+  parser.add_argument("--test", help="Test triplet file (instead of --human).")
+  parser.add_argument("--loss", choices=alignment.LOSSES, help="soft: cross-entropy vs p*; hard: NLL of the choice.")
+  parser.add_argument("--target", choices=alignment.TARGETS, help="Regulariser target T in ||W - T||^2.")
+  parser.add_argument("--lambdas", type=float, nargs="+", help="Regularisation strengths to cross-validate.")
+  parser.add_argument("--folds", type=int, help="Object folds for cross-validation.")
+  parser.add_argument("--select-by", choices=("loss", "accuracy"), help="CV criterion for lambda.")
+  parser.add_argument("--lr", type=float, help="Adam learning rate.")
+  parser.add_argument("--batch-size", type=int, help="Triplets per step.")
+  parser.add_argument("--max-epochs", type=int, help="Maximum epochs per fit.")
+  parser.add_argument("--patience", type=int, help="Early-stopping patience in epochs.")
+  parser.add_argument("--seed", type=int, help="Seed of folds, splits and batches.")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  config = default_config()
+  for key in config:
+    value = getattr(args, key, None)
+    if value is not None:
+      config[key] = list(value) if isinstance(value, tuple) else value
+  return config
+
+
+def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  return {name: config[name] for name in ("features", "human", "train", "test") if config.get(name)}
+
+
+def load_features(url: str, split: str = "things") -> np.ndarray:
+  """(n_objects, p) float32 features in object order from an .npy file or an embed artifact split."""
+  if url.endswith(".npy"):
+    fs, path = artifacts.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+      x = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    if x.ndim != 2:
+      raise ValueError(f"{url}: features must be an (n_objects, dim) matrix, got shape {x.shape}.")
+  else:
+    from alignet_data import embeddings
+    art = artifacts.load(url, stage="embed")
+    emb = embeddings.load(art, split)
+    if len(emb) == 0:
+      raise ValueError(f"{url}: split {split!r} has no embeddings.")
+    n = int(embeddings.info(art)["splits"][split].get("num_ids", int(emb.ids.max()) + 1))
+    x = emb.take(np.arange(n))  # KeyError names any object whose image failed to embed.
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{url}: features contain NaN or inf.")
+  return np.asarray(x, np.float32)
+
+
+def _human_side(config: dict[str, Any], n_objects: int) -> dict[str, np.ndarray | None]:
+  if config.get("human"):
+    if config.get("train") or config.get("test"):
+      raise ValueError("Give either `human` (a human artifact) or `train`/`test` triplet files, not both.")
+    labels = artifacts.load(config["human"], stage="human").load_npz("soft_labels.npz")
+    out = {k: labels[k] for k in ("train_triplets", "train_probs", "test_triplets", "test_probs")}
+    things.validate_triplets(out["train_triplets"], n_objects, "human train_triplets")
+    things.validate_triplets(out["test_triplets"], n_objects, "human test_triplets")
+    return out
+  if not (config.get("train") and config.get("test")):
+    raise ValueError("The align stage needs `human` (a human artifact URL) or both `train` and `test` triplet "
+                     "files (--train FILE --test FILE).")
+  train = things.load_triplets(config["train"], n_objects)
+  test = things.load_triplets(config["test"], n_objects)
+  train, dropped = things.drop_overlap(train, test)
+  return {"train_triplets": train, "train_probs": None, "test_triplets": test, "test_probs": None,
+          "dropped_overlap": dropped}
+
+
+def _align_config(config: dict[str, Any]) -> alignment.AlignConfig:
+  keys = ("loss", "target", "folds", "select_by", "lr", "batch_size", "max_epochs", "min_epochs", "patience",
+          "clip_norm", "val_fraction", "init_scale", "use_bias", "regularise_bias", "seed")
+  return alignment.AlignConfig(lambdas=tuple(float(v) for v in config["lambdas"]), **{k: config[k] for k in keys})
+
+
+def _plot_cv(cv: list[dict[str, Any]], chosen: float, f: Any) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  lams = [r["lambda"] for r in cv]
+  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+  ax.plot(lams, [r["accuracy"] for r in cv], "o-", color="C0")
+  ax.set_xscale("log")
+  ax.set_xlabel("lambda")
+  ax.set_ylabel("held-out accuracy", color="C0")
+  ax.axvline(chosen, color="grey", ls="--", lw=1)
+  ax2 = ax.twinx()
+  ax2.plot(lams, [r["loss"] for r in cv], "s-", color="C1")
+  ax2.set_ylabel("held-out loss", color="C1")
+  ax.set_title("align: object-fold cross-validation")
+  fig.tight_layout()
+  fig.savefig(f, format="png", metadata={"Software": None})  # No version string: same curve, same bytes.
+  plt.close(fig)
+
+
+def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
+  from tqdm import tqdm
+
+  if not config.get("features"):
+    raise ValueError("The align stage needs `features`: an embed artifact URL or an .npy of teacher features.")
+  features = load_features(config["features"], config["features_split"])
+  human = _human_side(config, features.shape[0])
+  cfg = _align_config(config)
+  if cfg.loss == "soft" and human["train_probs"] is None:
+    raise ValueError("loss 'soft' needs soft labels p*: pass --human HUMAN_ARTIFACT, or use --loss hard.")
+  train, test = human["train_triplets"], human["test_triplets"]
+
+  n_fits = (len(cfg.lambdas) * cfg.folds if len(cfg.lambdas) > 1 else 0) + 1
+  bar = tqdm(total=n_fits, desc="align", unit="fit", leave=False)
+
+  def on_fit(r: dict[str, Any]) -> None:
+    post = {"lambda": f"{r['lambda']:g}", "fold": r["fold"], "epochs": r["epochs"]}
+    if "accuracy" in r:
+      post["acc"] = f"{r['accuracy']:.3f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+
+  try:
+    t, info = alignment.align(features, train, human["train_probs"], cfg, on_fit)
+  finally:
+    bar.close()
+  t.save(writer)
+
+  before = alignment.evaluate(features, test, human["test_probs"])
+  after = alignment.evaluate(t.apply(features), test, human["test_probs"])
+  cv = [{k: r[k] for k in ("lambda", "loss", "accuracy")} for r in info["cv"]]
+  writer.write_json("cv.json", info["cv"])
+  if len(cv) > 1:
+    with writer.open("cv.png", "wb") as f:
+      _plot_cv(cv, info["lambda"], f)
+  report: dict[str, Any] = {
+      "accuracy_before": before["accuracy"],
+      "accuracy_after": after["accuracy"],
+      "nll_before": before["nll"],
+      "nll_after": after["nll"],
+      "lambda": info["lambda"],
+      "loss": cfg.loss,
+      "target": cfg.target,
+      "cv": cv,
+      "n_objects": int(features.shape[0]),
+      "dim": int(features.shape[1]),
+      "train_triplets": len(train),
+      "test_triplets": len(test),
+      "final_epochs": info["final"]["epochs"],
+  }
+  if "dropped_overlap" in human:
+    report["dropped_overlap"] = human["dropped_overlap"]
+  if human["test_probs"] is not None:
+    report["kl_before"] = before["kl"]
+    report["kl_after"] = after["kl"]
+  return report
