@@ -332,7 +332,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
     json.dump(result, f, indent=2, sort_keys=True)
     f.write("\n")
   log(f"[train] val triplet accuracy {result.get('val_triplet_accuracy_before', float('nan')):.3f} -> "
-      f"{result['val_triplet_accuracy']:.3f}; {result['steps_per_second']:.2f} steps/s; outputs in {workdir}")
+      f"{result['val_triplet_accuracy']:.3f}; {result['steps_per_second']:.2f} steps/s")
   return result
 
 
