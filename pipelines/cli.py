@@ -50,8 +50,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     description = help_text + (" Extra --flags are Beam pipeline options." if is_beam else "")
     p = sub.add_parser(name, help=help_text, description=description)
     if name == command:
-      _add_common(p)
-      stages.module(name).add_arguments(p)
+      mod = stages.module(name)
+      if not hasattr(mod, "command"):  # A module with its own `command` declares its own output flags.
+        _add_common(p)
+      mod.add_arguments(p)
   return parser
 
 
@@ -59,36 +61,37 @@ def _command(argv: Sequence[str]) -> str | None:
   return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
+  if args.command == "run":
+    from pipelines import chain
+    chain.run_chain(args.preset, args.out, force=args.force, beam_args=extra, until=args.until)
+    return 0
+  mod = stages.module(args.command)
+  if hasattr(mod, "command"):
+    # Stages whose command line differs from "one config -> one artifact" (e.g. `train --workdir`, which
+    # resumes in place) run their own flow; they still print where their outputs went.
+    return mod.command(args, extra)
+  config = mod.config_from_args(args)
+  art = stages.run(args.command, config, args.out, beam_args=extra, force=args.force)
+  print(f"{args.command}: outputs in {art.url} (report: {art.path('report.json')})")
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  command = _command(argv)
-  parser = build_parser(command)
+  parser = build_parser(_command(argv))
   args, extra = parser.parse_known_args(argv)
   is_beam = args.command == "run" or stages.STAGES[args.command][2]
   if extra and not (is_beam and all(a.startswith("--") or not a.startswith("-") for a in extra)):
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  if args.command == "run":
-    from pipelines import chain
-    try:
-      chain.run_chain(args.preset, args.out, force=args.force, beam_args=extra, until=args.until)
-    except _USER_ERRORS as e:
-      if os.environ.get("ALIGNET_DEBUG"):
-        raise
-      print(f"alignet run: error: {e}", file=sys.stderr)
-      return 1
-    return 0
   try:
-    mod = stages.module(args.command)
-    config = mod.config_from_args(args)
-    art = stages.run(args.command, config, args.out, beam_args=extra, force=args.force)
+    return _dispatch(args, extra)
   except _USER_ERRORS as e:
     # Bad input or a refused action: a clear one-line message, not a traceback (ALIGNET_DEBUG=1 shows it).
     if os.environ.get("ALIGNET_DEBUG"):
       raise
     print(f"alignet {args.command}: error: {e}", file=sys.stderr)
     return 1
-  print(f"{args.command}: outputs in {art.url} (report: {art.path('report.json')})")
-  return 0
 
 
 if __name__ == "__main__":
