@@ -7,6 +7,6 @@ python=${PYTHON:-python3.11}
 if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "$(grep '^uv==' constraints.txt)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "$(grep -m1 '^uv==' constraints.txt)"
 .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python -c constraints.txt -e '.[test]'
 echo "Installed into $(pwd)/.venv (CLI: .venv/bin/alignet)" >&2
