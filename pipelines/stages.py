@@ -39,3 +39,13 @@ def run(stage: str, config: dict[str, Any], out: str, *, beam_args: Sequence[str
   mod = module(stage)
   return artifacts.run_stage(stage, out, config, mod.input_urls(config),
                              lambda writer: mod.run(config, writer, beam_args), force=force)
+
+
+def apply_flags(config: dict[str, Any], args: Any) -> dict[str, Any]:
+  """`config` overridden by every flag the user gave (flags default to None, so the config's value wins)."""
+  config = dict(config)
+  for key in config:
+    value = getattr(args, key, None)
+    if value is not None:
+      config[key] = value
+  return config

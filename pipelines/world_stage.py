@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignet_data import artifacts, demo_world
+from pipelines import stages
 
 STAGE = "world"
 
@@ -24,12 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-  config = default_config()
-  for key in config:
-    value = getattr(args, key, None)
-    if value is not None:
-      config[key] = value
-  return config
+  return stages.apply_flags(default_config(), args)
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
