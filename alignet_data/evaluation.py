@@ -12,6 +12,9 @@ Pure numpy/scipy. Conventions:
   responses; the ceiling is the mean over triplets (all triplets with >= 2 valid responses).
 * Uncertainty: model entropy of softmax(similarities / tau) vs the triplet's mean log response time over
   responses with 0 < RT <= max_rt (10 s in the paper), Spearman's rho.
+* ML accuracies (few-shot probes) get binomial Wald intervals, acc +- z * sqrt(acc (1 - acc) / n) (paper, Fig. 1c).
+* Two models on the same items: the difference of their per-item means with a PAIRED bootstrap interval (the
+  same resampled items for both) and, for 0/1 correctness, McNemar's exact test on the discordant items.
 * Bootstrap: `n_resamples` resamples of `size` items with replacement (paper: 100 x 1,000), percentile 95%
   interval; when fewer than `size` items exist, resamples have the items' own count (an ordinary bootstrap,
   so intervals narrow with n). A given seed draws the same item indices for every model evaluated on the same
@@ -65,6 +68,14 @@ def loo_agreement(choices: np.ndarray) -> np.ndarray:
   total = np.where(valid, match, 0.0).sum(axis=-1)
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(n_valid >= 2, total / n_valid, np.nan)
+
+
+def response_entropy(choices: np.ndarray) -> np.ndarray:
+  """(L,) Shannon entropy (nats) of each triplet's distribution of responses: human disagreement."""
+  counts = vote_counts(choices).astype(np.float64)
+  total = counts.sum(-1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(total[:, 0] > 0, triplet_math.entropy(counts / np.maximum(total, 1)), np.nan)
 
 
 def mean_log_rt(rt: np.ndarray, max_rt: float = 10.0) -> np.ndarray:
@@ -124,6 +135,38 @@ def mean_with_ci(values: np.ndarray, n_resamples: int = 100, size: int = 1000, s
   return {"value": float(values.mean()), "ci": [float(lo), float(hi)], "n": int(len(values))}
 
 
+def wald_ci(accuracy: float, n: int, level: float = 0.95) -> list[float]:
+  """Binomial proportion interval by the normal approximation (the paper's CI for ML accuracies), clipped to [0, 1]."""
+  from statistics import NormalDist
+  if n <= 0 or not np.isfinite(accuracy):
+    return [float("nan"), float("nan")]
+  half = NormalDist().inv_cdf(0.5 + level / 2) * np.sqrt(accuracy * (1 - accuracy) / n)
+  return [float(max(0.0, accuracy - half)), float(min(1.0, accuracy + half))]
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, n_resamples: int = 100, size: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+  """Model A vs model B on the same items: mean(a) - mean(b) with a paired bootstrap CI (+ McNemar if 0/1).
+
+  Items where either value is NaN are dropped from both. The CI resamples items, so it reflects which items
+  were drawn, not only how many; "p_value" (exact McNemar, two-sided) is present when both are 0/1 vectors.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"Paired comparison needs the same items for both models; got shapes {a.shape} and {b.shape}.")
+  ok = np.isfinite(a) & np.isfinite(b)
+  a, b = a[ok], b[ok]
+  diff = a - b
+  out: dict[str, Any] = {"difference": float(diff.mean()) if len(diff) else float("nan"),
+                         "ci": mean_with_ci(diff, n_resamples, size, seed)["ci"], "n": int(len(diff))}
+  if len(diff) and np.isin(a, (0, 1)).all() and np.isin(b, (0, 1)).all():
+    from scipy import stats
+    a_only, b_only = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    p = stats.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    out.update({"a_only": a_only, "b_only": b_only, "p_value": float(p)})
+  return out
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 
@@ -139,17 +182,27 @@ def model_entropy(similarities: np.ndarray, tau: float = 1.0) -> np.ndarray:
 
 def levels_human(choices: np.ndarray, levels: np.ndarray, rt: np.ndarray | None = None, *,
                  n_resamples: int = 100, size: int = 1000, seed: int = 0, max_rt: float = 10.0) -> dict[str, Any]:
-  """Per level: the LOO noise ceiling (with CI), how many triplets have no majority, mean log RT."""
+  """Per level: the LOO noise ceiling (with CI), how many triplets have no majority, mean log RT, and the
+  Spearman of the responses' own entropy (disagreement) with mean log RT (the released analysis reports
+  0.325 / 0.443 / 0.364 for coarse / boundary / fine)."""
   levels = np.asarray(levels)
   agree = loo_agreement(choices)
   majority = majority_vote(choices)
+  disagreement = response_entropy(choices)
+  log_rt = mean_log_rt(rt, max_rt) if rt is not None else None
   out: dict[str, Any] = {}
   for level in _levels_present(levels):
     sel = levels == level
     row = {"noise_ceiling": mean_with_ci(agree[sel], n_resamples, size, seed),
            "n_triplets": int(sel.sum()), "n_no_majority": int((majority[sel] < 0).sum())}
-    if rt is not None:
-      row["mean_log_rt"] = float(np.nanmean(mean_log_rt(np.asarray(rt)[sel], max_rt)))
+    if log_rt is not None:
+      r = log_rt[sel]
+      ok = np.isfinite(r)
+      row["mean_log_rt"] = float(r[ok].mean()) if ok.any() else float("nan")
+      h = disagreement[sel][ok]
+      row["entropy_rt_spearman"] = {"value": spearman(h, r[ok]),
+                                    "ci": list(bootstrap_ci(spearman, [h, r[ok]], n_resamples, size, seed)),
+                                    "n": int(ok.sum())}
     out[level] = row
   out["all"] = {"noise_ceiling": mean_with_ci(agree, n_resamples, size, seed),
                 "n_triplets": int(len(levels)), "n_no_majority": int((majority < 0).sum())}
@@ -191,6 +244,40 @@ def things_accuracy(similarities: np.ndarray, *, n_resamples: int = 100, size: i
                     seed: int = 0) -> dict[str, Any]:
   """THINGS-style accuracy: triplets are stored (i, j, odd), so the human odd one out is item 2."""
   return _accuracy(odd_one_out_correct(similarities, 2), n_resamples, size, seed)
+
+
+def things_soft(similarities: np.ndarray, human_probs: np.ndarray, *, tau: float = 1.0, n_resamples: int = 100,
+                size: int = 1000, seed: int = 0) -> dict[str, Any]:
+  """Model vs human pair probabilities on the same triplets (pair order [p01, p02, p12] for both).
+
+  The model's probabilities are softmax(similarities / tau). Returns KL(human || model) per triplet (mean with
+  CI; from log q directly so that a confident model cannot underflow q to 0) and the Pearson and Spearman
+  correlations of the two sets of probabilities over all n x 3 entries, with bootstrap CIs over triplets.
+  """
+  from scipy import stats
+  p = np.asarray(human_probs, np.float64)
+  s = np.asarray(similarities, np.float64)
+  if p.shape != s.shape or p.ndim != 2 or p.shape[1] != 3:
+    raise ValueError(f"Soft labels must be (n, 3) like the similarities {s.shape}; got {p.shape}.")
+  if (p < 0).any() or not np.allclose(p.sum(-1), 1.0, atol=1e-3):
+    raise ValueError("Soft labels must be probabilities over the three pairs (non-negative, rows summing to 1).")
+  logq = triplet_math.log_softmax(s / tau)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    kl = np.where(p > 0, p * (np.log(p) - logq), 0.0).sum(-1)
+  q = np.exp(logq)
+
+  def corr(fn: Callable[..., Any]) -> Callable[[np.ndarray, np.ndarray], float]:
+    def stat(pp: np.ndarray, qq: np.ndarray) -> float:
+      x, y = pp.reshape(-1), qq.reshape(-1)
+      return float("nan") if np.ptp(x) == 0 or np.ptp(y) == 0 else float(fn(x, y).statistic)
+    return stat
+
+  out: dict[str, Any] = {"kl": mean_with_ci(kl, n_resamples, size, seed), "tau": float(tau)}
+  for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+    stat = corr(fn)
+    out[name] = {"value": stat(p, q), "ci": list(bootstrap_ci(stat, [p, q], n_resamples, size, seed)),
+                 "n": int(len(p))}
+  return out
 
 
 def _accuracy(correct: np.ndarray, n_resamples: int, size: int, seed: int) -> dict[str, Any]:
