@@ -17,7 +17,12 @@ Invariants (changing them changes bytes: bump the artifact schema):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +45,7 @@ class Embeddings:
   ids: np.ndarray         # (n,) int64
   labels: np.ndarray      # (n,) int64, -1 where the source has no label
   file_names: np.ndarray  # (n,) str
-  vectors: np.ndarray     # (n, dim) float32
+  vectors: np.ndarray     # (n, dim) float32 (`load_matrix`: a read-only memmap, the storage dtype by default)
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -228,3 +233,76 @@ def load(url_or_artifact: str | artifacts.Artifact, split: str) -> Embeddings:
 def info(url_or_artifact: str | artifacts.Artifact) -> dict[str, Any]:
   """The parsed `embeddings.json` (per-split dim, dtype, rows, shards, source; the model)."""
   return _artifact(url_or_artifact).read_json(INDEX)
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("ALIGNET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alignet", "embeddings"))
+
+
+def load_matrix(url_or_artifact: str | artifacts.Artifact, split: str, *, cache_dir: str | None = None,
+                dtype: str | None = None) -> Embeddings:
+  """One split as one memory-mapped matrix (ImageNet with So400m: 1.28M x 1152 float32 = 5.9 GB, or half in
+  float16) without holding it in memory: the shards are unpacked once, shard by shard, into `.npy` files in a
+  local cache keyed by the shards' sha256 (artifacts are immutable, so the key never goes stale), then opened
+  with `np.load(mmap_mode="r")`. Vectors keep the storage dtype unless `dtype` ("float32"/"float16") is given.
+  Rows, ids, labels and file names are exactly those of `load` (sorted by id).
+  """
+  art = _artifact(url_or_artifact)
+  entry = art.read_json(INDEX)["splits"].get(split)
+  if entry is None:
+    raise KeyError(f"Split {split!r} is not in embeddings {art.url}; it has {splits(art)}.")
+  dtype = check_dtype(dtype or entry["dtype"])
+  names = [shard_name(split, i, entry["shards"]) for i in range(entry["shards"])]
+  missing = [n for n in names if not art.exists(n)]
+  if missing:
+    raise FileNotFoundError(f"Embeddings {art.url} lacks shards {missing[:3]} listed in {INDEX}.")
+  key = hashlib.sha256(json.dumps([[n, art.files[n]["sha256"]] for n in names] + [dtype]).encode()).hexdigest()
+  folder = os.path.join(cache_dir or default_cache_dir(), key[:32])
+  if not os.path.exists(os.path.join(folder, "vectors.npy")):
+    _unpack(art, names, entry, dtype, folder)
+  out = Embeddings(**{k: np.load(os.path.join(folder, f"{k}.npy"), mmap_mode="r")
+                      for k in ("ids", "labels", "file_names", "vectors")})
+  if len(out.ids) != entry["rows"] or out.vectors.shape != (entry["rows"], entry["dim"]):
+    raise ValueError(f"Cached embeddings {folder} do not match {art.url}/{split}; delete that folder.")
+  return out
+
+
+def _unpack(art: artifacts.Artifact, names: list[str], entry: dict[str, Any], dtype: str, folder: str) -> None:
+  """Shards -> ids/labels/file_names/vectors `.npy` in `folder`, written in a temp dir renamed into place (so a
+  crash or a concurrent reader never sees half a cache)."""
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  try:
+    rows, dim = entry["rows"], entry["dim"]
+    vectors = np.lib.format.open_memmap(os.path.join(tmp, "vectors.npy"), mode="w+",
+                                        dtype=np.float16 if dtype == "float16" else np.float32, shape=(rows, dim))
+    ids, labels, file_names, start = [], [], [], 0
+    for name in names:
+      with art.open(name) as f:
+        table = pq.read_table(f)
+      n = len(table)
+      if start + n > rows:
+        raise ValueError(f"Embeddings {art.url}: shards hold more rows than {INDEX} says ({rows}).")
+      values = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+      vectors[start:start + n] = values.reshape(n, dim)
+      ids.append(table.column("id").to_numpy())
+      labels.append(table.column("label").to_numpy())
+      file_names.extend(table.column("file_name").to_pylist())
+      start += n
+    if start != rows:
+      raise ValueError(f"Embeddings {art.url}: shards hold {start} rows, {INDEX} says {rows}.")
+    vectors.flush()
+    del vectors
+    np.save(os.path.join(tmp, "ids.npy"), np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64))
+    np.save(os.path.join(tmp, "labels.npy"),
+            np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64))
+    np.save(os.path.join(tmp, "file_names.npy"), np.asarray(file_names, dtype=str))
+    try:
+      os.rename(tmp, folder)
+    except OSError:  # Another process cached it first: theirs is identical.
+      if not os.path.exists(os.path.join(folder, "vectors.npy")):
+        raise
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)

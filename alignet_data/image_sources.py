@@ -3,6 +3,10 @@
 A source spec is a string:
   demo:<world_url>:<split>         the demo world's `things` (one image per concept) or `pool` images
   files:<glob>                     image files on any fsspec filesystem (`**` recurses), label = parent folder
+                                   (ImageNet synset folders `n01440764/` -> the standard class ids 0..999)
+  things:<folder>[:one|all]        the THINGS image folder (`<folder>/<uniqueID>/<uniqueID>_01b.jpg`): `one`
+                                   (default) = the first image of each concept, id = concept index (THINGS'
+                                   canonical, alphabetical order); `all` = every image, label = concept index
   tfds:<name>[:<version>]:<split>  a TFDS dataset through `tfds.data_source` (array_record, random access)
 
 Every record has an id: its index in the source (the world's image index, the position in the sorted file list,
@@ -14,7 +18,11 @@ into `ReadTask`s (id ranges, small and picklable, carrying what a worker needs) 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import io
+import logging
+import os
 import posixpath
 import re
 from typing import Any
@@ -25,7 +33,9 @@ from alignet_data import artifacts
 
 DEMO_SPLITS = ("things", "pool")
 SPEC_HELP = ("Source specs: 'demo:<world_url>:things|pool', 'files:<glob>' (e.g. 'files:/data/imgs/**/*.jpg'), "
-             "'tfds:<name>[:<version>]:<split>' (e.g. 'tfds:imagenet2012:train').")
+             "'things:<folder>[:one|all]', 'tfds:<name>[:<version>]:<split>' (e.g. 'tfds:imagenet2012:train').")
+THINGS_MODES = ("one", "all")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclasses.dataclass
@@ -88,6 +98,11 @@ def decode_image(data: bytes) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()  # Decodes fully: a truncated JPEG raises here ("image file is truncated"), not later.
+      if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale PNG: scale, don't clip, to 8 bit.
+        wide = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        return to_rgb(np.round(np.clip(wide, 0, top) * (255.0 / top)).astype(np.uint8))
+      # CMYK (JPEG), palette, gray+alpha, RGBA: PIL's conversion to RGB (alpha dropped, as TF's decoders do).
       return np.asarray(im.convert("RGB"), dtype=np.uint8)
   except Image.UnidentifiedImageError as e:
     raise ValueError("cannot decode image: not a known image format (PIL cannot identify it)") from e
@@ -168,8 +183,43 @@ def _glob_root(pattern: str) -> str:
   return static.rsplit("/", 1)[0] if "/" in static else ""
 
 
+_SYNSET_RE = re.compile(r"^n\d{8}$")
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_synsets() -> tuple[str, ...]:
+  """The 1000 ILSVRC-2012 synset ids (`n01440764`, ...) in standard class-id order (sorted; as TFDS `imagenet2012`
+  labels, torchvision and big_vision number them). Read from the label file that ships inside
+  tensorflow_datasets, found without importing it (importing TFDS costs seconds per worker)."""
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(root, "datasets", "imagenet2012", "labels.txt")
+    if os.path.exists(path):
+      with open(path) as f:
+        synsets = tuple(line.strip() for line in f if line.strip())
+      if len(synsets) != 1000 or not all(_SYNSET_RE.match(x) for x in synsets):
+        raise ValueError(f"{path} does not hold 1000 ImageNet synset ids")
+      return synsets
+  raise FileNotFoundError("tensorflow_datasets (datasets/imagenet2012/labels.txt) is needed for the ImageNet "
+                          "synset -> class id map; install tensorflow-datasets")
+
+
+def folder_labels(folders: list[str]) -> tuple[str, list[str], np.ndarray]:
+  """Parent folder names -> (scheme, label names, label ids). ImageNet synset folders (`n01440764`) get the
+  standard class ids ("imagenet2012"), so any subset of ImageNet keeps its labels; other folder names are
+  numbered in sorted order ("folders")."""
+  names = sorted(set(folders))
+  if names and all(_SYNSET_RE.match(n) for n in names):
+    index = {s: i for i, s in enumerate(imagenet_synsets())}
+    unknown = [n for n in names if n not in index]
+    if not unknown:
+      return "imagenet2012", list(imagenet_synsets()), np.array([index[f] for f in folders], np.int64)
+  index = {name: i for i, name in enumerate(names)}
+  return "folders", names, np.array([index[f] for f in folders], np.int64)
+
+
 class FilesSource(ImageSource):
-  """Image files matching a glob, sorted by path; label = index of the parent folder name among all of them."""
+  """Image files matching a glob, sorted by path; label from the parent folder name (`folder_labels`)."""
   split = "train"
 
   def __init__(self, pattern: str):
@@ -183,9 +233,7 @@ class FilesSource(ImageSource):
     if not self.paths:
       raise FileNotFoundError(f"No files match {pattern!r} (source {self.spec!r}).")
     parents = [posixpath.basename(posixpath.dirname(p)) for p in self.paths]
-    self.label_names = sorted(set(parents))
-    index = {name: i for i, name in enumerate(self.label_names)}
-    self.labels = np.array([index[p] for p in parents], np.int64)
+    self.label_scheme, self.label_names, self.labels = folder_labels(parents)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -224,14 +272,90 @@ class FilesSource(ImageSource):
     return block, failures
 
   def metadata(self) -> dict[str, Any]:
-    return {"label_names": self.label_names}
+    return {"label_scheme": self.label_scheme, "label_names": self.label_names}
+
+
+def things_sort_key(concept: str) -> str:
+  """THINGS' canonical order sorts uniqueIDs with '_' as a space: `camera_lens` before `camera1`."""
+  return concept.replace("_", " ")
+
+
+class ThingsSource(FilesSource):
+  """The THINGS object-image folder: `<root>/<uniqueID>/<image>` (e.g. `aardvark/aardvark_01b.jpg`).
+
+  Concepts are the sub-folder names in THINGS' sort order (`things_sort_key`), which for the full folder is the
+  canonical order (`unique_id.txt`, the row order of THINGS triplets and embeddings). Mode `one`: the first
+  image (sorted by name, `_01b`) of each concept, id = label = concept index, so the embeddings index like the
+  THINGS triplets.
+  Mode `all`: every image, id = position in the sorted file list, label = concept index.
+  """
+
+  def __init__(self, root: str, mode: str = "one"):
+    if mode not in THINGS_MODES:
+      raise ValueError(f"THINGS source mode must be one of {THINGS_MODES}, got {mode!r} (spec 'things:DIR[:one|all]')")
+    root = root.rstrip("/")
+    self.spec, self.pattern, self.mode, self.split = f"things:{root}:{mode}", f"{root}/*/*", mode, "things"
+    fs, path = artifacts.url_to_fs(self.pattern)
+    self.protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    self.root = _glob_root(path)
+    files = sorted(p for p, meta in fs.glob(path, detail=True).items()
+                   if meta.get("type") == "file" and p.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise FileNotFoundError(f"No images in {root}/<concept>/ (source {self.spec!r}): expected the THINGS "
+                              "object_images folder, one sub-folder per concept uniqueID.")
+    concepts = [posixpath.basename(posixpath.dirname(p)) for p in files]
+    self.label_names = sorted(set(concepts), key=things_sort_key)
+    self.label_scheme = "things"
+    index = {c: i for i, c in enumerate(self.label_names)}
+    if mode == "one":
+      first: dict[str, str] = {}
+      for p, c in zip(files, concepts, strict=True):
+        first.setdefault(c, p)
+      files = [first[c] for c in self.label_names]
+      concepts = list(self.label_names)
+    self.paths = files
+    self.labels = np.array([index[c] for c in concepts], np.int64)
 
 
 _TFDS_RE = re.compile(r"^(?P<name>[\w/]+?)(?::(?P<version>\d+\.\d+\.\d+))?:(?P<split>.+)$")
 
 
+class TfrecordRecords:
+  """Range reads over a TFDS split prepared in TFRecord format (no random access): `read(start, stop)` reads
+  records [start, stop) of the split through TFDS split slicing (`train[start:stop]` as absolute
+  ReadInstructions, files in order, `shuffle_files=False`), so the ids are the positions in the split, which are
+  the `tfds.data_source` record indices when both formats were prepared by the same TFDS version."""
+
+  def __init__(self, builder: Any, split: str):
+    import tensorflow_datasets as tfds
+    self.builder = builder
+    splits = builder.info.splits
+    # Absolute instructions leave from_/to None for "from the start" / "to the end".
+    self.parts = [(a.splitname, a.from_ or 0, splits[a.splitname].num_examples if a.to is None else a.to)
+                  for a in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)]
+
+  def __len__(self) -> int:
+    return sum(to - from_ for _, from_, to in self.parts)
+
+  def read(self, start: int, stop: int) -> list[dict[str, Any]]:
+    import tensorflow_datasets as tfds
+    out, offset = [], 0
+    for name, from_, to in self.parts:
+      lo, hi = max(start - offset, 0) + from_, min(stop - offset, to - from_) + from_
+      if lo < hi:
+        ri = tfds.core.ReadInstruction(name, from_=lo, to=hi, unit="abs")
+        out.extend(tfds.as_numpy(self.builder.as_dataset(split=ri, shuffle_files=False)))
+      offset += to - from_
+    return out
+
+
+# TensorFlow's errors for a record whose image cannot be decoded (TFDS decodes on read): dead letters, not crashes.
+_TF_DECODE_ERRORS = ("InvalidArgumentError", "DataLossError")
+
+
 class TfdsSource(ImageSource):
-  """A TFDS image dataset via `tfds.data_source` (random access by record index, as AligNet's indices need).
+  """A TFDS image dataset via `tfds.data_source` (random access by record index, as AligNet's indices need),
+  falling back to the TFRecord builder (`TfrecordRecords`) where the dataset was prepared as TFRecords.
 
   Records are read one index at a time: batch reads (`__getitems__`) fail under `tfds.testing.mock_data`.
   """
@@ -249,9 +373,14 @@ class TfdsSource(ImageSource):
       try:
         self._cache_ds = tfds.data_source(name, split=self.split, data_dir=self.data_dir, download=False)
       except Exception as e:
-        raise RuntimeError(
-            f"Cannot open TFDS {name!r} split {self.split!r} (data_dir={self.data_dir!r}): {e}. Prepare it first "
-            "(`tfds build` or download_and_prepare, array_record format) or pass --tfds-data-dir.") from e
+        try:
+          self._cache_ds = TfrecordRecords(tfds.builder(name, data_dir=self.data_dir), self.split)
+          logging.info("TFDS %s has no random-access (array_record) files (%s); reading its TFRecords", name, e)
+        except Exception as e2:
+          raise RuntimeError(
+              f"Cannot open TFDS {name!r} split {self.split!r} (data_dir={self.data_dir!r}): {e}; TFRecord "
+              f"fallback: {e2}. Prepare it first (`tfds build`, array_record format preferred) or pass "
+              "--tfds-data-dir.") from e
     return self._cache_ds
 
   def __len__(self) -> int:
@@ -259,8 +388,7 @@ class TfdsSource(ImageSource):
       self._cache_len = len(self._ds())
     return self._cache_len
 
-  def _record(self, ds: Any, i: int, split: str) -> tuple[int, str, np.ndarray]:
-    record = ds[i]
+  def _parse(self, record: dict[str, Any], i: int) -> tuple[int, str, np.ndarray]:
     name = record.get("file_name", f"{self.name}/{self.split}/{i}")
     name = name.decode() if isinstance(name, bytes) else str(name)
     label = record.get("label")
@@ -269,12 +397,29 @@ class TfdsSource(ImageSource):
       raise ValueError(f"TFDS {self.name!r} records have no 'image' feature (keys: {sorted(record)})")
     return label, name, to_rgb(record["image"])
 
-  def read(self, task: ReadTask) -> tuple[ImageBlock, list[DecodeFailure]]:
-    ds = self._ds()
-    ids, labels, names, images, failures = [], [], [], [], []
+  def _records(self, ds: Any, task: ReadTask) -> Any:
+    """(index, record or the exception that reading it raised) for each index of the task."""
+    if isinstance(ds, TfrecordRecords):
+      records = ds.read(task.start, task.stop)
+      if len(records) != task.stop - task.start:
+        raise RuntimeError(f"TFDS {self.spec}: read {len(records)} records for [{task.start}, {task.stop})")
+      yield from zip(range(task.start, task.stop), records, strict=True)
+      return
     for i in range(task.start, task.stop):
       try:
-        label, name, image = self._record(ds, i, task.split)
+        yield i, ds[i]
+      except Exception as e:
+        if type(e).__name__ not in _TF_DECODE_ERRORS:
+          raise
+        yield i, ValueError(f"cannot decode image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+  def read(self, task: ReadTask) -> tuple[ImageBlock, list[DecodeFailure]]:
+    ids, labels, names, images, failures = [], [], [], [], []
+    for i, record in self._records(self._ds(), task):
+      try:
+        if isinstance(record, Exception):
+          raise record
+        label, name, image = self._parse(record, i)
       except (ValueError, OSError) as e:
         failures.append(DecodeFailure(task.split, i, f"{self.name}/{self.split}/{i}", str(e)))
         continue
@@ -299,6 +444,11 @@ def parse(spec: str, *, tfds_data_dir: str | None = None) -> ImageSource:
     return DemoSource(url, split)
   if kind == "files":
     return FilesSource(rest)
+  if kind == "things":
+    root, _, mode = rest.rpartition(":")
+    if mode in THINGS_MODES and root:
+      return ThingsSource(root, mode)
+    return ThingsSource(rest)
   if kind == "tfds":
     m = _TFDS_RE.match(rest)
     if not m:
@@ -316,4 +466,7 @@ def input_url(spec: str) -> str | None:
   if kind == "files":
     root = _glob_root(rest)
     return root or None
+  if kind == "things":
+    root, _, mode = rest.rpartition(":")
+    return root if mode in THINGS_MODES and root else rest
   return None

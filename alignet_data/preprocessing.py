@@ -33,13 +33,42 @@ def _check_images(images: np.ndarray) -> np.ndarray:
   return images
 
 
+@functools.lru_cache(maxsize=4096)
+def weight_matrix(input_size: int, output_size: int, method: str) -> np.ndarray:
+  """(output_size, input_size) float32 resampling weights: the same math as `jax.image.resize(..., antialias=False)`
+  (half-pixel centres; triangle or Keys-cubic a=-0.5 kernel; weights normalised; samples off the image zeroed).
+
+  Plain numpy, cached per size pair: decoded photos come in thousands of sizes, and an XLA resize would compile
+  once per size on every worker.
+  """
+  if method not in ("bilinear", "linear", "cubic", "bicubic"):
+    raise ValueError(f"Unsupported resize method {method!r}; expected 'bilinear' or 'cubic'")
+  inv_scale = input_size / output_size
+  sample = (np.arange(output_size, dtype=np.float64) + 0.5) * inv_scale - 0.5
+  x = np.abs(sample[None, :] - np.arange(input_size, dtype=np.float64)[:, None])
+  if method in ("bilinear", "linear"):
+    w = np.maximum(0.0, 1.0 - x)
+  else:
+    w = np.where(x >= 1.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, ((1.5 * x - 2.5) * x) * x + 1.0)
+    w = np.where(x >= 2.0, 0.0, w)
+  total = w.sum(axis=0, keepdims=True)
+  w = np.where(np.abs(total) > 1000.0 * float(np.finfo(np.float32).eps), w / np.where(total != 0, total, 1), 0.0)
+  w = np.where(((sample >= -0.5) & (sample <= input_size - 0.5))[None, :], w, 0.0)
+  w = np.ascontiguousarray(w.T.astype(np.float32))
+  w.setflags(write=False)
+  return w
+
+
 def resize(images: np.ndarray, size: int, method: str) -> np.ndarray:
-  """(B, H, W, C) float32 -> (B, size, size, C); identity when already that size."""
-  if images.shape[1:3] == (size, size):
-    return images
-  import jax  # Lazily: keeps `import alignet_data.preprocessing` cheap for Beam workers that only parse.
-  out = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), method=method, antialias=False)
-  return np.asarray(out, np.float32)
+  """(B, H, W, C) float32 -> (B, size, size, C); identity when already that size (as tf.image.resize and
+  big_vision's `resize` op: no crop, aspect ratio not kept, no antialiasing)."""
+  b, h, w, c = images.shape
+  out = np.asarray(images, np.float32)
+  if h != size:
+    out = np.einsum("oh,bhwc->bowc", weight_matrix(h, size, method), out, optimize=True)
+  if w != size:
+    out = np.einsum("ow,bhwc->bhoc", weight_matrix(w, size, method), out, optimize=True)
+  return np.ascontiguousarray(out, np.float32)
 
 
 def preprocess(images: np.ndarray, image_size: int, convention: str) -> np.ndarray:

@@ -37,6 +37,7 @@ __all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_f
 STAGE = "embed"
 DEAD_LETTER = "dead_letter.jsonl"
 NAMESPACE = "embed"
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 _NAMED_SOURCE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)=(?P<spec>.+)$")
 
 
@@ -49,6 +50,7 @@ def default_config() -> dict[str, Any]:
       "rows_per_shard": 4096,    # Ids per Parquet shard: shard i holds ids [i * n, (i + 1) * n).
       "images_per_range": 1024,  # Ids per read task (the unit of Beam read parallelism); no effect on bytes.
       "tfds_data_dir": None,     # data_dir for tfds: sources (None: TFDS's default, ~/tensorflow_datasets).
+      "compute_dtype": "auto",   # Model compute: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16.
   }
 
 
@@ -56,13 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", help="Model spec: demo-teacher, demo-student or '<config-name>:<checkpoint>'.")
   parser.add_argument(
       "--source", action="append", metavar="[NAME=]SPEC",
-      help="Image source, repeatable: 'demo:<world>:things|pool', 'files:<glob>', 'tfds:<name>[:<ver>]:<split>'. "
-           "NAME= names the output split (default: the source's split; 'train' for files).")
+      help="Image source, repeatable: 'demo:<world>:things|pool', 'files:<glob>' (ImageNet synset folders -> "
+           "class ids), 'things:<folder>[:one|all]', 'tfds:<name>[:<ver>]:<split>'. NAME= names the output split "
+           "(default: the source's split; 'train' for files, 'things' for THINGS).")
   parser.add_argument("--batch-size", type=int, help="Images per model call (fixed; the last one is padded).")
   parser.add_argument("--dtype", choices=sorted(embeddings.STORAGE_DTYPES), help="Storage dtype of the vectors.")
   parser.add_argument("--rows-per-shard", type=int, help="Ids per Parquet shard.")
   parser.add_argument("--images-per-range", type=int, help="Ids per Beam read task.")
   parser.add_argument("--tfds-data-dir", help="TFDS data_dir (local or gs://) for tfds: sources.")
+  parser.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
+                      help="Model compute dtype (auto: bfloat16 where an accelerator is present, else float32).")
 
 
 def parse_source_flags(flags: Sequence[str]) -> dict[str, str]:
@@ -70,7 +75,7 @@ def parse_source_flags(flags: Sequence[str]) -> dict[str, str]:
   sources: dict[str, str] = {}
   for flag in flags:
     m = _NAMED_SOURCE.match(flag)
-    if m and not flag.startswith(("demo:", "files:", "tfds:")):
+    if m and not flag.startswith(("demo:", "files:", "things:", "tfds:")):
       name, spec = m["name"], m["spec"]
     else:
       name, spec = _default_split_name(flag), flag
@@ -93,12 +98,14 @@ def _default_split_name(spec: str) -> str:
     return name
   if kind == "files":
     return image_sources.FilesSource.split
+  if kind == "things":
+    return "things"
   raise ValueError(f"Bad image source {spec!r}. {image_sources.SPEC_HELP}")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
   config = default_config()
-  for key in ("model", "batch_size", "dtype", "rows_per_shard", "images_per_range", "tfds_data_dir"):
+  for key in ("model", "batch_size", "dtype", "rows_per_shard", "images_per_range", "tfds_data_dir", "compute_dtype"):
     value = getattr(args, key, None)
     if value is not None:
       config[key] = value
@@ -117,7 +124,7 @@ def input_urls(config: dict[str, Any]) -> dict[str, str]:
   else:
     urls.update({f"world_{split}": url for split, url in demo.items()})
   for split, spec in config["sources"].items():
-    if spec.startswith("files:") and image_sources.input_url(spec):
+    if spec.startswith(("files:", "things:")) and image_sources.input_url(spec):
       urls[f"files_{split}"] = image_sources.input_url(spec)
   if ":" in config["model"]:
     urls["model_checkpoint"] = config["model"].split(":", 1)[1]
@@ -134,6 +141,8 @@ def _check_config(config: dict[str, Any]) -> None:
   for split in config["sources"]:
     embeddings.check_split_name(split)
   embeddings.check_dtype(config["dtype"])
+  if config["compute_dtype"] not in COMPUTE_DTYPES:
+    raise ValueError(f"embed config compute_dtype must be one of {COMPUTE_DTYPES}, got {config['compute_dtype']!r}.")
   for key in ("batch_size", "rows_per_shard", "images_per_range"):
     if not isinstance(config[key], int) or config[key] < 1:
       raise ValueError(f"embed config {key} must be a positive integer, got {config[key]!r}.")
@@ -188,6 +197,24 @@ def split_by_shard(block: EmbeddedBlock, ids_per_shard: int) -> Iterable[tuple[t
 class _Loaded:
   model: Any
   fn: Callable
+  params: Any
+
+
+def compile_embed(model: Any, compute_dtype: str = "auto") -> tuple[Callable, Any]:
+  """(jitted fn(params, x) -> float32 vectors, params to call it with). bfloat16 casts the parameters once and
+  each batch on the way in (the accelerator's fast path; accumulations stay as XLA does them); "auto" picks it
+  where the default JAX backend is not the CPU."""
+  import jax
+  import jax.numpy as jnp
+  if compute_dtype == "auto":
+    compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if compute_dtype == "float32":
+    return jax.jit(model.embed_fn), model.params
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), model.params)
+
+  def fn(p: Any, x: Any) -> Any:
+    return model.embed_fn(p, jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32)
+  return jax.jit(fn), params
 
 
 class JaxEmbedHandler(inference.ModelHandler):
@@ -197,27 +224,28 @@ class JaxEmbedHandler(inference.ModelHandler):
   Elements are `ImageBlock`s of at most batch_size images; BatchElements passes them one at a time.
   """
 
-  def __init__(self, model_spec: str, batch_size: int, load_fn: Callable[[str], Any] | None = None):
+  def __init__(self, model_spec: str, batch_size: int, load_fn: Callable[[str], Any] | None = None,
+               compute_dtype: str = "auto"):
     super().__init__(min_batch_size=1, max_batch_size=1)
     self.model_spec = model_spec
     self.batch_size = batch_size
     self.load_fn = load_fn
+    self.compute_dtype = compute_dtype
 
   def load_model(self) -> _Loaded:
-    import jax
     if self.load_fn is not None:
       model = self.load_fn(self.model_spec)
     else:
       from alignet_data import models
       model = models.load_model(self.model_spec)
-    return _Loaded(model, jax.jit(model.embed_fn))
+    return _Loaded(model, *compile_embed(model, self.compute_dtype))
 
   def run_inference(self, batch: Sequence[image_sources.ImageBlock], model: _Loaded,
                     inference_args: dict[str, Any] | None = None) -> list[EmbeddedBlock]:
     out = []
     for block in batch:
       x = preprocess_block(model.model, block.images)
-      vectors = embed_padded(model.fn, model.model.params, x, self.batch_size)
+      vectors = embed_padded(model.fn, model.params, x, self.batch_size)
       beam.metrics.Metrics.counter(NAMESPACE, "images").inc(len(block))
       beam.metrics.Metrics.counter(NAMESPACE, "batches").inc(-(-len(block) // self.batch_size))
       out.append(EmbeddedBlock(block.split, block.ids, block.labels, block.file_names, vectors))
@@ -327,7 +355,7 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   for split, src in sources.items():
     if len(src) == 0:
       raise ValueError(f"Source {src.spec!r} (split {split!r}) has no records.")
-  handler = JaxEmbedHandler(config["model"], config["batch_size"], load_fn)
+  handler = JaxEmbedHandler(config["model"], config["batch_size"], load_fn, config["compute_dtype"])
   shard_dir = writer.makedirs(embeddings.SHARD_DIR)
   dead_letter_url = writer.path(DEAD_LETTER)
   p = beam.Pipeline(options=PipelineOptions(list(beam_args)))

@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,3 +190,60 @@ def test_source_flags_and_config_errors(world_url):
     embed_pipeline.run(config, None)
   with pytest.raises(FileNotFoundError, match="No files match"):
     image_sources.parse("files:/nonexistent-dir/**/*.jpg")
+
+
+def test_bfloat16_compute_is_close_to_float32_and_returns_float32():
+  teacher = models.load_model("demo-teacher")
+  images = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), np.uint8)
+  x = teacher.preprocess(images)
+  fn32, p32 = embed_pipeline.compile_embed(teacher, "float32")
+  fn16, p16 = embed_pipeline.compile_embed(teacher, "bfloat16")
+  auto_fn, auto_params = embed_pipeline.compile_embed(teacher, "auto")  # On CPU: float32.
+  want = np.asarray(fn32(p32, x))
+  got = np.asarray(fn16(p16, x))
+  assert got.dtype == np.float32 and str(jax.tree.leaves(p16)[0].dtype) == "bfloat16"
+  rel = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+  assert 0 < rel.max() < 0.05
+  np.testing.assert_array_equal(np.asarray(auto_fn(auto_params, x)), want)
+
+
+def test_float16_storage_through_the_pipeline(tmp_path, world_url):
+  art = _run(tmp_path, "h", {"things": f"demo:{world_url}:things"}, dtype="float16")
+  full = _run(tmp_path, "f", {"things": f"demo:{world_url}:things"})
+  half, single = embeddings.load(art, "things"), embeddings.load(full, "things")
+  assert embeddings.info(art)["splits"]["things"]["dtype"] == "float16"
+  np.testing.assert_array_equal(half.vectors, single.vectors.astype(np.float16).astype(np.float32))
+
+
+def test_acceptance_cli_files_and_tfds_mock(tmp_path):
+  """The issue's Acceptance through `alignet embed` itself: good JPEG/PNG plus a truncated JPEG, a zero-byte file
+  and a text file named .jpg; then `--source tfds:imagenet2012:train` under tfds.testing.mock_data."""
+  import tensorflow_datasets as tfds
+
+  from pipelines import cli
+  good = {"n01440764/a.jpg": _jpeg((40, 30)), "n01440764/b.png": _png((20, 24)), "n01443537/c.png": _png((33, 33))}
+  bad = {"n01443537/truncated.jpg": _jpeg((64, 64))[:1500], "n01443537/zero.jpg": b"",
+         "n01440764/text.jpg": b"not an image\n"}
+  for name, data in {**good, **bad}.items():
+    (tmp_path / "DIR" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "DIR" / name).write_bytes(data)
+  out = tmp_path / "OUT"
+  assert cli.main(["embed", "--source", f"files:{tmp_path}/DIR/**/*", "--model", "demo-teacher",
+                   "--out", str(out)]) == 0
+  report = json.loads((out / "report.json").read_text())
+  assert (report["images"], report["failed"]) == (3, 3)
+  dead = [json.loads(line) for line in (out / report["dead_letter"]).read_text().splitlines()]
+  assert {d["file_name"] for d in dead} == bad.keys() and all(d["reason"] for d in dead)
+  e = embeddings.load(str(out), "train")
+  assert sorted(e.file_names) == sorted(good)
+  np.testing.assert_array_equal(e.labels, [0 if n.startswith("n01440764") else 1 for n in e.file_names])
+  teacher = models.load_model("demo-teacher")
+  want = np.concatenate([teacher.embed(image_sources.decode_image(good[n])[None]) for n in e.file_names])
+  np.testing.assert_allclose(e.vectors, want, rtol=1e-5, atol=1e-5)
+
+  with tfds.testing.mock_data(num_examples=5):
+    assert cli.main(["embed", "--source", "tfds:imagenet2012:train", "--model", "demo-teacher", "--out",
+                     str(tmp_path / "TFDS")]) == 0
+  e = embeddings.load(str(tmp_path / "TFDS"), "train")
+  np.testing.assert_array_equal(e.ids, np.arange(5))
+  assert e.vectors.shape == (5, teacher.dim) and np.all(np.isfinite(e.vectors))

@@ -103,3 +103,26 @@ def test_reader_and_writer_errors(tmp_path):
   with pytest.raises(ValueError, match="a 'world' artifact, expected 'embed'"):
     artifacts.run_stage("world", str(tmp_path / "w"), {}, {}, lambda w: {}, log=lambda s: None)
     embeddings.load(str(tmp_path / "w"), "pool")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_memory_mapped_matrix_equals_load_and_is_cached(tmp_path, dtype):
+  art = artifacts.load(_write(str(tmp_path / "m"), dtype=dtype).url)
+  cache = str(tmp_path / "cache")
+  full = embeddings.load(art, "pool")
+  m = embeddings.load_matrix(art, "pool", cache_dir=cache)
+  assert isinstance(m.vectors, np.memmap) and m.vectors.dtype == np.dtype(dtype)
+  np.testing.assert_array_equal(m.ids, full.ids)
+  np.testing.assert_array_equal(m.labels, full.labels)
+  np.testing.assert_array_equal(m.file_names, full.file_names)
+  np.testing.assert_array_equal(np.asarray(m.vectors, np.float32), full.vectors)
+  np.testing.assert_array_equal(m.take(np.array([22, 0])), full.take(np.array([22, 0])))
+  (entry,) = [p for p in (tmp_path / "cache").iterdir()]
+  stamp = (entry / "vectors.npy").stat().st_mtime_ns
+  again = embeddings.load_matrix(art.url, "pool", cache_dir=cache, dtype="float32")  # Another dtype: another entry.
+  assert again.vectors.dtype == np.float32
+  assert len(list((tmp_path / "cache").iterdir())) == (2 if dtype == "float16" else 1)
+  embeddings.load_matrix(art, "pool", cache_dir=cache)
+  assert (entry / "vectors.npy").stat().st_mtime_ns == stamp  # Unpacked once.
+  with pytest.raises(KeyError, match="Split 'nope' is not in embeddings"):
+    embeddings.load_matrix(art, "nope", cache_dir=cache)

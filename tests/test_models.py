@@ -150,3 +150,41 @@ def test_preprocessing_rejects_non_uint8_and_unknown_conventions():
     preprocessing.make_preprocess(8, "imagenet")
   m = models.load_model("demo-teacher")
   assert m.preprocess(_images(1, size=32)).min() < 0  # The demo teacher follows SigLIP's [-1, 1].
+
+
+def test_scanned_big_vision_checkpoint_loads_like_the_per_layer_one(tiny_models):
+  m = models.build({**TINY, "depth": 3, "pool_type": "map"}, seed=2)
+  flat = checkpoints.flatten(m.params)
+  scanned = {k: v for k, v in flat.items() if not k.startswith("Transformer/encoderblock_")}
+  for rest in {k.split("/", 2)[2] for k in flat if k.startswith("Transformer/encoderblock_0/")}:
+    scanned[f"params/img/Transformer/encoderblock/{rest}"] = np.stack(
+        [flat[f"Transformer/encoderblock_{i}/{rest}"] for i in range(3)])  # big_vision scan=True: depth axis first.
+  scanned = {(k if k.startswith("params/img/") else f"params/img/{k}"): v for k, v in scanned.items()}
+  models.save_checkpoint("memory://models_test/scanned.npz", checkpoints.unflatten(scanned))
+  loaded = models.from_checkpoint({**TINY, "depth": 3, "pool_type": "map"}, "memory://models_test/scanned.npz")
+  np.testing.assert_array_equal(loaded.embed(_images(2)), m.embed(_images(2)))
+
+
+def test_position_embeddings_are_resampled_to_a_new_resolution(tiny_models):
+  m = tiny_models["gap"]  # 16 px / patch 8: a 2x2 grid.
+  models.save_checkpoint("memory://models_test/lowres.npz", m.params)
+  hi = models.from_checkpoint({**TINY, "image_size": 32, "num_classes": 5}, "memory://models_test/lowres.npz")
+  pe = np.asarray(hi.params["pos_embedding"])
+  assert pe.shape == (1, 16, 16)  # 4x4 grid.
+  old = np.asarray(m.params["pos_embedding"]).reshape(2, 2, 16)
+  grid = pe.reshape(4, 4, 16)
+  np.testing.assert_allclose(grid[[0, 0, -1, -1], [0, -1, 0, -1]], old.reshape(4, 16), rtol=1e-6)  # Corners kept.
+  assert hi.embed(_images(2, size=32)).shape == (2, 16)
+  with pytest.raises(models.CheckpointMismatchError, match="mis-shaped: pos_embedding"):
+    models.from_checkpoint({**TINY, "image_size": 32, "num_classes": 5}, "memory://models_test/lowres.npz",
+                           resample_posemb=False)
+  with pytest.raises(models.CheckpointMismatchError, match="Cannot resample pos_embedding"):
+    checkpoints.resample_posemb(np.zeros((1, 6, 16)), (1, 16, 16))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "cubic"])
+def test_numpy_resize_matches_jax_image_resize(method):
+  x = np.random.default_rng(5).random((2, 37, 23, 3)).astype(np.float32)
+  for size in (1, 8, 16, 23, 37, 50):
+    want = np.asarray(jax.image.resize(x, (2, size, size, 3), method=method, antialias=False))
+    np.testing.assert_allclose(preprocessing.resize(x, size, method), want, atol=1e-5, err_msg=str(size))

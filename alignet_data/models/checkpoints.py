@@ -123,3 +123,35 @@ def _flatten_any(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     else:
       flat[f"{prefix}{key}"] = value
   return flat
+
+
+def unscan(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """big_vision's scanned layout (`Transformer/encoderblock/...` with a leading depth axis, written when the
+  model ran with `scan=True`) -> the per-layer layout (`Transformer/encoderblock_{i}/...`); others unchanged."""
+  scanned = "Transformer/encoderblock/"
+  out = {k: v for k, v in flat.items() if not k.startswith(scanned)}
+  stacked = {k[len(scanned):]: np.asarray(v) for k, v in flat.items() if k.startswith(scanned)}
+  depths = {v.shape[0] for v in stacked.values()}
+  if len(depths) > 1:
+    raise CheckpointMismatchError(f"Scanned checkpoint has layers stacked to different depths {sorted(depths)}")
+  for rest, v in stacked.items():
+    for i in range(v.shape[0]):
+      out[f"Transformer/encoderblock_{i}/{rest}"] = v[i]
+  return out
+
+
+def resample_posemb(old: np.ndarray, new_shape: tuple[int, ...]) -> np.ndarray:
+  """big_vision's `resample_posemb`: a square grid of learned position embeddings (1, g*g, w), bilinearly zoomed
+  (scipy.ndimage.zoom, order=1) to a new grid, so a checkpoint runs at another resolution (224 -> 384 px)."""
+  import scipy.ndimage
+  old = np.asarray(old)
+  if tuple(old.shape) == tuple(new_shape):
+    return old
+  gs_old, gs_new = int(np.sqrt(old.shape[1])), int(np.sqrt(new_shape[1]))
+  if (old.ndim != 3 or len(new_shape) != 3 or gs_old ** 2 != old.shape[1] or gs_new ** 2 != new_shape[1]
+      or old.shape[2] != new_shape[2] or old.shape[0] != 1):
+    raise CheckpointMismatchError(f"Cannot resample pos_embedding {tuple(old.shape)} to {tuple(new_shape)}: "
+                                  "both must be (1, square grid, same width)")
+  grid = old.reshape(gs_old, gs_old, -1)
+  grid = scipy.ndimage.zoom(grid, (gs_new / gs_old, gs_new / gs_old, 1), order=1)
+  return grid.reshape(1, gs_new * gs_new, -1).astype(old.dtype)

@@ -62,8 +62,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "s/16": _variant("s/16", "s", 16, preprocessing="student"),
     "b/16": _variant("b/16", "b", 16, preprocessing="student"),
     "l/16": _variant("l/16", "l", 16, preprocessing="student"),
-    # SigLIP So400m/14 image tower: MAP pooling; its `head` (1152 -> 1152, not zero-initialised) maps to the
-    # shared image-text space. The teacher representation is the pooled MAP output (pre_logits).
+    # SigLIP So400m/14 image tower: MAP pooling. Released SigLIP image towers have no `head` (big_vision
+    # out_dim=(None, ...); Hugging Face's SiglipVisionModel neither): the MAP output (pre_logits) is the image
+    # embedding and the teacher representation. A checkpoint that has `head/kernel` gets its head loaded.
     "so400m/14": _variant("so400m/14", "so400m", 14, image_size=224, pool_type="map", head_zeroinit=False,
                           preprocessing="siglip"),
     "so400m/14-384": _variant("so400m/14-384", "so400m", 14, image_size=384, pool_type="map",

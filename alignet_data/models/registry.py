@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignet_data import preprocessing
-from alignet_data.models import checkpoints, configs
+from alignet_data.models import checkpoints, configs, hf_siglip
 from alignet_data.models.vit import ViT
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
@@ -132,21 +133,34 @@ def build(config: Mapping[str, Any], seed: int | None = None) -> LoadedModel:
   return from_params(cfg, params)
 
 
-def from_checkpoint(config: Mapping[str, Any], path_or_url: str, prefix: str | None = None) -> LoadedModel:
-  """Loads a flat npz checkpoint into `config`, checking every name and shape.
+def from_checkpoint(config: Mapping[str, Any], path_or_url: str, prefix: str | None = None,
+                    resample_posemb: bool = True) -> LoadedModel:
+  """Loads a checkpoint into `config`, checking every name and shape.
 
-  `prefix` selects a subtree (None: detect "", "params/", "params/img/" from the keys). When the config leaves
-  num_classes unset, it is taken from the checkpoint's `head` (absent head: no head).
+  Formats: a big_vision flat `.npz` (per-layer or scanned layout; `prefix` selects a subtree, None detects "",
+  "params/", "params/img/" from the keys) or a Hugging Face SigLIP `.safetensors` file (through the name map in
+  `hf_siglip`). A learned `pos_embedding` of another square grid is resampled to the config's (big_vision's
+  `resample_posemb`) unless `resample_posemb` is False. When the config leaves num_classes unset, it is taken
+  from the checkpoint's `head` (absent head: no head).
   """
-  flat = checkpoints.load_flat(path_or_url)
-  prefix = checkpoints.find_image_tower(flat) if prefix is None else prefix
-  flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   cfg = configs.complete(dict(config))
+  if path_or_url.endswith(".safetensors"):
+    flat = hf_siglip.to_big_vision(hf_siglip.read_safetensors(path_or_url), num_heads=cfg["num_heads"])
+    prefix, ignore_unexpected = "", False
+  else:
+    flat = checkpoints.load_flat(path_or_url)
+    prefix = checkpoints.find_image_tower(flat) if prefix is None else prefix
+    flat = checkpoints.unscan({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)})
+    # A two-tower checkpoint (SigLIP) holds more than the image tower: only the image tower must match.
+    ignore_unexpected = prefix.endswith("img/")
   if cfg["num_classes"] is None and "head/kernel" in flat:
     cfg["num_classes"] = int(flat["head/kernel"].shape[-1])
-  # A two-tower checkpoint (SigLIP) holds more than the image tower: only the image tower must match.
-  ignore_unexpected = prefix.endswith("img/")
   expected = abstract_params(cfg)
+  if resample_posemb and "pos_embedding" in flat and "pos_embedding" in expected:
+    want = tuple(expected["pos_embedding"].shape)
+    if tuple(flat["pos_embedding"].shape) != want:
+      logging.info("Resampling pos_embedding %s -> %s", flat["pos_embedding"].shape, want)
+      flat["pos_embedding"] = checkpoints.resample_posemb(flat["pos_embedding"], want)
   params = checkpoints.match_params(expected, checkpoints.unflatten(flat), source=f"Checkpoint {path_or_url}",
                                     ignore_unexpected=ignore_unexpected)
   return from_params(cfg, jax.tree.map(jnp.asarray, params))
