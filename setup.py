@@ -10,7 +10,7 @@ setuptools.setup(
     description="Staged, offline data pipeline and JAX trainer for AligNet (Muttenthaler et al., Nature 2025).",
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["alignet_data*", "pipelines*", "trainer*", "schemas*"]),
-    package_data={"schemas": ["*.json"], "alignet_data": ["checkpoints/*.npz", "checkpoints/*.json"]},
+    package_data={"schemas": ["*.json"], "trainer": ["configs/*.json"], "alignet_data": ["checkpoints/*.npz", "checkpoints/*.json"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "tensorflow>=2.21,<2.22",

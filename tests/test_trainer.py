@@ -1,19 +1,23 @@
-"""Trainer: decay to init, the input pipeline's order, and a few real steps on a tiny synthetic shard artifact."""
+"""Trainer: decay to init, the input pipeline (formats, order, image sources), data parallelism, resume, the CLI."""
+import functools
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from alignet_data import artifacts, models, triplet_math
-from trainer import input_pipeline, train
+from alignet_data import artifacts, models, shards, triplet_math
+from trainer import input_pipeline, losses, train
 
 N_CLASSES, PER_CLASS, SIZE = 6, 10, 16
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _images() -> tuple[np.ndarray, np.ndarray]:
@@ -25,31 +29,50 @@ def _images() -> tuple[np.ndarray, np.ndarray]:
   return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-def _write_split(writer, split: str, n: int, labels: np.ndarray, seed: int) -> None:
+def _columns(n: int, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+  """n schema-complete triplet records; teacher: same class -> similarity 4, else 0."""
   rng = np.random.default_rng(seed)
   trip = np.stack([rng.choice(len(labels), 3, replace=False) for _ in range(n)])
-  onehot = np.eye(N_CLASSES)[labels] * 2.0  # teacher: same class -> similarity 4, else 0
+  onehot = np.eye(N_CLASSES)[labels] * 2.0
   trip, sims = triplet_math.order_by_similarity(trip, triplet_math.triplet_similarities(onehot, trip))
-  for i, rows in enumerate(np.array_split(np.arange(n), 2)):
-    table = pa.table({
-        "triplet_id": pa.array(rows, pa.int64()),
-        "indices": pa.array(trip[rows].tolist(), pa.list_(pa.int64())),
-        "similarities": pa.array(sims[rows].astype(np.float32).tolist(), pa.list_(pa.float32())),
-    })
-    with writer.open(f"shards/{split}-{i:05d}-of-00002.parquet", "wb") as f:
-      pq.write_table(table, f)
+  soft = triplet_math.pair_probabilities(sims, 1.0)
+  return {"triplet_id": np.arange(n) + 1000 * seed, "strategy": np.full(n, "random"), "indices": trip,
+          "file_names": np.char.add("img", trip.astype(str)), "labels": labels[trip], "clusters": labels[trip],
+          "similarities": sims.astype(np.float32), "soft_label": soft.astype(np.float32),
+          "entropy": triplet_math.entropy(soft).astype(np.float32)}
+
+
+SPLIT_SIZES = {"train": 256, "valid": 64}
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards_url(tmp_path_factory):
+  """A triplets artifact with the same triplets as Parquet, TFRecord and released-layout npz files."""
   _, labels = _images()
   out = str(tmp_path_factory.mktemp("art") / "triplets")
 
   def fn(writer):
-    _write_split(writer, "train", 256, labels, 1)
-    _write_split(writer, "valid", 64, labels, 2)
+    for s, (split, n) in enumerate(SPLIT_SIZES.items()):
+      cols = _columns(n, labels, s + 1)
+      for i, rows in enumerate(np.array_split(np.arange(n), 2)):
+        part = shards.take(cols, rows)
+        shards.write_parquet(writer.path(shards.shard_name(split, i, 2, "parquet")), part)
+        shards.write_tfrecord(writer.path(shards.shard_name(split, i, 2, "tfrecord")), part)
+      with writer.open(f"npz/{shards.npz_name('untransformed', split, 'random')}", "wb") as f:
+        shards.write_npz(f, cols)
     return {}
   return artifacts.run_stage("triplets", out, {"test": 1}, {}, fn, log=lambda _: None).url
+
+
+@pytest.fixture(scope="module")
+def released_dir(tmp_path_factory):
+  """The released dataset's layout: alignet_train.npz / alignet_valid.npz, no manifest."""
+  _, labels = _images()
+  root = tmp_path_factory.mktemp("released")
+  for s, (split, n) in enumerate(SPLIT_SIZES.items()):
+    with open(root / f"alignet_{split}.npz", "wb") as f:
+      shards.write_npz(f, _columns(n, labels, s + 1))
+  return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +110,8 @@ def test_full_optimizer_decays_to_init_and_respects_warmup():
   np.testing.assert_array_equal(optax.apply_updates(moved, updates)["w"], moved["w"])
 
 
-def test_batches_are_a_function_of_seed_and_step(shards):
-  data = input_pipeline.read_triplets(artifacts.load(shards), "train")
+def test_batches_are_a_function_of_seed_and_step(shards_url):
+  data = input_pipeline.read_triplets(artifacts.load(shards_url), "train")
   assert data.indices.shape == (256, 3) and data.similarities.dtype == np.float32
   straight = list(input_pipeline.train_batches(data, 32, seed=3, num_steps=20))
   resumed = list(input_pipeline.train_batches(data, 32, seed=3, start_step=13, num_steps=7))
@@ -100,21 +123,23 @@ def test_batches_are_a_function_of_seed_and_step(shards):
   assert not np.array_equal(straight[0][0], straight[8][0])  # a new order each epoch
 
 
-def test_bad_indices_and_missing_shards_fail_clearly(shards):
-  data = input_pipeline.read_triplets(artifacts.load(shards), "valid")
+def test_bad_indices_and_missing_shards_fail_clearly(shards_url):
+  data = input_pipeline.read_triplets(artifacts.load(shards_url), "valid")
   with pytest.raises(ValueError, match="image source has 10 images"):
     input_pipeline.check_indices(data, input_pipeline.ArrayImages(np.zeros((10, 4, 4, 3), np.uint8)), "valid")
   with pytest.raises(FileNotFoundError, match="No Parquet shards for split 'test'"):
-    input_pipeline.shard_names(artifacts.load(shards), "test")
+    input_pipeline.shard_names(artifacts.load(shards_url), "test")
 
 
-def test_training_reduces_the_loss_exports_and_resumes(shards, tiny_model, tmp_path):
+def test_training_reduces_the_loss_exports_and_resumes(shards_url, tiny_model, tmp_path):
   images, _ = _images()
   source = input_pipeline.ArrayImages(images)
-  cfg = {**CONFIG, "shards": shards, "checkpoint_every": 4}
+  cfg = {**CONFIG, "shards": shards_url, "checkpoint_every": 4}
   out = train.train_and_evaluate(cfg, str(tmp_path / "a"), model=tiny_model, images=source, log=lambda _: None)
   rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [2, 4, 6, 8]
+  assert {"loss", "triplet_accuracy", "grad_norm", "learning_rate", "steps_per_second"} <= set(rows[-1])
+  assert len(os.listdir(tmp_path / "a" / "tensorboard")) == 1
   assert out["val_loss"] < out["val_loss_before"]
   assert out["steps"] == 8 and out["steps_per_second"] > 0
   assert 0.0 <= out["val_triplet_accuracy"] <= 1.0
@@ -142,7 +167,7 @@ def test_train_stage_flags_override_defaults_and_name_inputs():
   from trainer import main
   parser = argparse.ArgumentParser()
   main.add_arguments(parser)
-  args = parser.parse_args(["--shards", "runs/x/triplets", "--world", "runs/x/world", "--steps", "12",
+  args = parser.parse_args(["--workdir", "w", "--shards", "runs/x/triplets", "--world", "runs/x/world", "--steps", "12",
                             "--learning-rate", "1e-4", "--student", "vit-demo-student:ckpt/s.npz"])
   config = main.config_from_args(args)
   assert main.STAGE == "train"
@@ -160,3 +185,257 @@ def test_triplet_head_maps_the_representation_to_head_dim(tiny_model):
   no_head = train.init_params(tiny_model.params, tiny_model.dim, 0, jax.random.PRNGKey(0))
   np.testing.assert_allclose(train.make_represent(tiny_model.embed_fn)(no_head, x),
                              tiny_model.embed_fn(tiny_model.params, x), rtol=1e-6)
+
+
+def test_head_dim_auto_is_none_for_demo_students_and_1024_otherwise():
+  assert train.head_size(-1, {"name": "vit-demo-student"}) == 0
+  assert train.head_size(-1, {"name": "B/16"}) == 1024
+  assert train.head_size(8, {"name": "vit-demo-student"}) == 8
+
+
+def test_every_shard_format_reads_the_same_triplets(shards_url, released_dir, tmp_path):
+  art = artifacts.load(shards_url)
+  for split, n in SPLIT_SIZES.items():
+    ref = input_pipeline.read_triplets(art, split, fmt="parquet")
+    assert len(ref) == n
+    for fmt in ("tfrecord", "npz", "auto"):
+      got = input_pipeline.read_triplets(art, split, fmt=fmt)
+      np.testing.assert_array_equal(got.indices, ref.indices)
+      np.testing.assert_array_equal(got.similarities, ref.similarities)
+    released = input_pipeline.read_triplets(released_dir, split)  # no manifest: the released npz layout
+    np.testing.assert_array_equal(released.indices, ref.indices)
+  assert input_pipeline.detect_format(art, shards_url) == "parquet"
+  with pytest.raises(FileNotFoundError, match="has no manifest"):
+    input_pipeline.read_triplets(released_dir, "train", fmt="parquet")
+
+  # A shard whose bytes differ from the manifest's sha256 stops training before it starts.
+  bad = tmp_path / "bad"
+  shutil.copytree(art.url, bad)
+  shard = bad / input_pipeline.shard_names(art, "train")[0]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  with pytest.raises(artifacts.ChecksumError, match="sha256"):
+    input_pipeline.read_triplets(str(bad), "train")
+
+
+def test_images_join_by_id_from_a_folder_and_resolve_from_provenance(shards_url, tmp_path):
+  from PIL import Image
+  images, labels = _images()
+  for i, (im, lab) in enumerate(zip(images, labels, strict=True)):  # sorted paths == ids, as the embed stage numbers
+    os.makedirs(tmp_path / f"class{lab}", exist_ok=True)
+    Image.fromarray(im).save(tmp_path / f"class{lab}" / f"{i:03d}.png")
+  source = input_pipeline.open_images(f"files:{tmp_path}/**/*.png")
+  assert len(source) == len(images)
+  np.testing.assert_array_equal(source.get(np.array([0, 15, 59])), images[[0, 15, 59]])
+
+  art = artifacts.load(shards_url)
+  assert input_pipeline.image_spec({"images": "files:x/*.jpg", "world": "w"}, art) == "files:x/*.jpg"
+  assert input_pipeline.image_spec({"world": "runs/w"}, art) == "demo:runs/w:pool"
+  assert input_pipeline.image_spec({}, None) == "tfds:imagenet2012:train"  # the released indices' source
+  with pytest.raises(ValueError, match="--images"):  # this artifact records no embeddings provenance
+    input_pipeline.image_spec({}, art)
+
+
+def test_tfds_imagenet_images_by_record_index_under_mock_data(tiny_model):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12):
+    source = input_pipeline.open_images("tfds:imagenet2012:train")
+    assert len(source) == 12
+    expected = tfds.data_source("imagenet2012", split="train")[7]["image"]
+    got = source.get(np.array([7, 3]))
+    np.testing.assert_array_equal(got[0], expected)
+    # Differently sized records become one batch through the student's own resize.
+    x = input_pipeline.triplet_images(np.array([[7, 3, 7]]), source, tiny_model.preprocess)
+  assert x.shape == (1, 3, SIZE, SIZE, 3) and x.dtype == np.float32
+  np.testing.assert_array_equal(x[0, 0], x[0, 2])
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tiny_model):
+  images, _ = _images()
+  x = jnp.asarray(tiny_model.preprocess(images[:6]).reshape(2, 3, SIZE, SIZE, 3))
+  sims = jnp.array([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+  cfg = {**train.DEFAULTS, "steps": 10, "warmup_steps": 0}
+  tx = train.make_optimizer(cfg)
+  params = train.init_params(tiny_model.params, tiny_model.dim, 4, jax.random.PRNGKey(0))
+  f32_sims = losses.pair_dots(train._triplet_representations(train.make_represent(tiny_model.embed_fn), params, x))
+  f32_loss = float(jnp.mean(losses.kl_from_similarities(f32_sims, sims, 1.0)))
+  step = jax.jit(functools.partial(train.train_step, tx=tx, tau=1.0,
+                                   represent=train.make_represent(tiny_model.embed_fn, jnp.bfloat16)))
+  state, metrics = step(train.create_train_state(params, tx), x, sims)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))  # master weights stay f32
+  assert float(metrics["loss"]) == pytest.approx(f32_loss, rel=0.05)  # bf16 compute, f32 loss: close
+  assert train.resolve_dtype("auto") == jnp.float32  # on CPU
+  with pytest.raises(ValueError, match="compute_dtype"):
+    train.resolve_dtype("float16")
+
+
+def test_config_file_then_set_then_flags(tmp_path, capsys):
+  from pipelines import cli
+  from trainer import main
+  (tmp_path / "c.json").write_text(json.dumps({"steps": 50, "learning_rate": 0.5, "loss": "js"}))
+  argv = ["train", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "c.json"), "--set", "steps=70",
+          "--set", "hooks=[]", "--learning-rate", "0.25", "--print-config"]
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  config = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+  assert (config["steps"], config["learning_rate"], config["loss"], config["hooks"]) == (70, 0.25, "js", [])
+  assert not (tmp_path / "w").exists()  # --print-config only prints
+  (tmp_path / "bad.json").write_text(json.dumps({"stepz": 1}))
+  assert cli.main(["train", "--workdir", str(tmp_path / "w"), "--config", str(tmp_path / "bad.json")]) == 1
+  assert "unknown train config keys ['stepz']" in capsys.readouterr().err
+  assert main.command.__doc__
+
+  # The shipped config of the released trainer's settings loads as a config file.
+  assert cli.main(["train", "--workdir", str(tmp_path / "w"), "--config", os.path.join(REPO, "trainer", "configs",
+                                                                                    "released.json"),
+                   "--print-config"]) == 0
+  printed = capsys.readouterr().out
+  config = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+  assert {k: config[k] for k in train.RELEASED} == train.RELEASED
+
+
+_SUBPROCESS_COMMON = """
+import os, sys, json
+import numpy as np
+import jax
+import optax
+from alignet_data import models
+from trainer import input_pipeline, train
+cfg = models.get_config("vit-demo-student", image_size=16, width=16, depth=1, mlp_dim=32, num_heads=2)
+model = models.build(cfg)
+images = np.load(sys.argv[1])["images"]
+"""
+
+
+def _run_script(tmp_path, body: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  images, _ = _images()
+  np.savez(tmp_path / "images.npz", images=images)
+  script = tmp_path / "script.py"
+  script.write_text(_SUBPROCESS_COMMON + textwrap.dedent(body))
+  return subprocess.run([sys.executable, str(script), str(tmp_path / "images.npz"), *args], cwd=REPO,
+                        env={**os.environ, "PYTHONPATH": REPO, **(env or {})}, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_two_device_data_parallel_step_equals_the_one_device_step(tmp_path):
+  """The same global batch on a 1-device and a 2-device mesh (host devices) gives the same parameters."""
+  body = """
+  assert len(jax.devices()) == 2, jax.devices()
+  x = model.preprocess(images[:48]).reshape(16, 3, 16, 16, 3)
+  sims = np.random.default_rng(0).normal(0, 2, (16, 3)).astype(np.float32)
+  opt_key = tuple((k, v) for k, v in {**train.DEFAULTS, "steps": 10, "warmup_steps": 0}.items()
+                  if k in train._OPTIMIZER_KEYS)
+  out = []
+  for mesh in (train.make_mesh(jax.devices()[:1]), train.make_mesh()):
+    # The trainer's own step (Adam: its first updates are ~sign(g), so compare its metrics) ...
+    tx, step_fn, _ = train.compiled_steps(model.embed_fn, opt_key, "kl", 1.0, "float32", mesh)
+    state = train.replicate(mesh, train.create_train_state(
+        train.init_params(model.params, model.dim, 4, jax.random.PRNGKey(0)), tx))
+    xs, ss = train.shard_batch(mesh, x, sims)
+    assert len(xs.sharding.device_set) == mesh.devices.size
+    state, metrics = step_fn(state, xs, ss)
+    # ... and the same step with plain SGD, whose update is the all-reduced gradient itself.
+    sgd = optax.sgd(1.0)
+    sgd_step = train.jit_train_step(mesh, represent=train.make_represent(model.embed_fn), tx=sgd, tau=1.0)
+    sgd_state = train.replicate(mesh, train.create_train_state(
+        train.init_params(model.params, model.dim, 4, jax.random.PRNGKey(0)), sgd))
+    sgd_state, _ = sgd_step(sgd_state, xs, ss)
+    out.append((jax.tree.map(np.asarray, sgd_state.params), {k: float(v) for k, v in metrics.items()}))
+  (one, m1), (two, m2) = out
+  init = train.init_params(model.params, model.dim, 4, jax.random.PRNGKey(0))
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(init)))
+  assert moved > 1e-3, moved
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for k in m1:
+    assert abs(m1[k] - m2[k]) <= 1e-5 * max(1.0, abs(m1[k])), (k, m1[k], m2[k])
+  print("OK")
+  """
+  done = _run_script(tmp_path, body, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                          "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_bit_identical_parameters(shards_url, tiny_model, tmp_path):
+  """N steps straight vs N/2 steps, a hard kill (os._exit right after the checkpoint), and a resume."""
+  cfg = {**CONFIG, "shards": shards_url, "checkpoint_every": 4, "hooks": []}
+  body = f"""
+  cfg = json.loads({json.dumps(json.dumps(cfg))})
+  save = train._save
+  def save_then_die(manager, state):
+    save(manager, state)
+    if int(state.step) == 4:
+      manager.wait_until_finished()
+      os._exit(9)  # like kill -9: no cleanup, no final checkpoint, no metrics.json
+  train._save = save_then_die
+  train.train_and_evaluate(cfg, sys.argv[2], model=model, images=input_pipeline.ArrayImages(images),
+                           log=lambda _: None)
+  """
+  killed = _run_script(tmp_path, body, str(tmp_path / "b"))
+  assert killed.returncode == 9, killed.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["4"]
+  assert not (tmp_path / "b" / "metrics.json").exists()
+  assert [json.loads(r)["step"] for r in open(tmp_path / "b" / "metrics.jsonl")] == [2, 4]  # streamed as it went
+
+  source = input_pipeline.ArrayImages(_images()[0])
+  straight = train.train_and_evaluate(cfg, str(tmp_path / "a"), model=tiny_model, images=source, log=lambda _: None)
+  resumed = train.train_and_evaluate(cfg, str(tmp_path / "b"), model=tiny_model, images=source, log=lambda _: None)
+  assert resumed["resumed_from"] == 4 and resumed["steps_trained"] == 4
+  assert [json.loads(r)["step"] for r in open(tmp_path / "b" / "metrics.jsonl")] == [2, 4, 6, 8]
+  a = models.load_checkpoint(str(tmp_path / "a" / "student.npz"))
+  b = models.load_checkpoint(str(tmp_path / "b" / "student.npz"))
+  for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(leaf_a, leaf_b)
+  assert straight["val_loss"] == resumed["val_loss"]
+
+
+@pytest.mark.slow
+def test_cli_workdir_run_resumes_with_more_steps_and_writes_tensorboard(shards_url, tmp_path, capsys):
+  """`alignet train ... --workdir W` twice (--steps 2, then 4): the second resumes; events are TensorBoard's."""
+  from PIL import Image
+
+  from pipelines import cli
+  images, labels = _images()
+  for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
+    os.makedirs(tmp_path / "img" / f"c{lab}", exist_ok=True)
+    Image.fromarray(im).save(tmp_path / "img" / f"c{lab}" / f"{i:03d}.png")
+  work = tmp_path / "w"
+  base = ["train", "--shards", shards_url, "--images", f"files:{tmp_path}/img/**/*.png", "--student",
+          "demo-student", "--batch-size", "8", "--workdir", str(work), "--log-every", "1", "--set",
+          "eval_batch_size=32"]
+  assert cli.main(base + ["--steps", "2"]) == 0
+  assert cli.main(base + ["--steps", "4"]) == 0
+  out = capsys.readouterr().out
+  assert "resumed from step 2" in out and f"checkpoints: {work}/checkpoints" in out
+  metrics = json.loads((work / "metrics.json").read_text())
+  assert metrics["resumed_from"] == 2 and metrics["steps"] == 4
+  assert {"loss", "val_triplet_accuracy", "steps_per_second"} <= set(metrics)
+  assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+  assert json.loads((work / "config.json").read_text())["steps"] == 4
+
+  import tensorflow as tf
+  tags, steps = set(), set()
+  event_files = sorted((work / "tensorboard").iterdir())
+  assert len(event_files) == 2  # one per run
+  for path in event_files:
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        tags.add(value.tag)
+        steps.add(event.step)
+  assert {"train/loss", "train/learning_rate", "train/grad_norm", "valid/triplet_accuracy", "valid/loss"} <= tags
+  assert steps == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.slow
+def test_demo_chain_fine_tuning_raises_coarse_levels_accuracy_more_than_fine(tmp_path):
+  """The paper's headline pattern on the demo world (seed 0 of the demo preset, where it is stable)."""
+  from pipelines import cli
+  assert cli.main(["run", "--preset", "demo", "--out", str(tmp_path / "demo"), "--until", "train"]) == 0
+  report = json.loads((tmp_path / "demo" / "train" / "report.json").read_text())
+  rise = {lv: report[f"levels_{lv}_accuracy"] - report[f"levels_{lv}_accuracy_before"] for lv in ("coarse", "fine")}
+  assert rise["coarse"] > 0.1, rise
+  assert rise["coarse"] > rise["fine"] + 0.05, rise
+  assert report["val_triplet_accuracy"] > report["val_triplet_accuracy_before"]

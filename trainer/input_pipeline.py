@@ -1,18 +1,21 @@
 """Input pipeline of the trainer: triplet shards -> deterministic batches -> preprocessed image triplets.
 
-Reads the Parquet shards of a triplets (or published) artifact with pyarrow through fsspec, keeps only the two
-columns the loss needs (`indices`, `similarities`) in memory, and serves batches in an order that is a pure
-function of (seed, step): epoch e is a permutation drawn from an RNG keyed by (seed, e), so a run resumed at
-step s sees exactly the batches a straight run would. Indices are joined to images through an `ImageSource`
-(for the demo world: rows of `world.pool_images`, which are the embeddings' ids) and preprocessed with the
-student's own `preprocess` (its resize and value range).
+Reads a split of triplets from any fsspec URL: the Parquet or TFRecord shards of a triplets artifact or a
+published version (after checking the shards' schema version and every file's sha256 against the manifest),
+or the released AligNet npz layout (`alignet_<split>.npz`, or `<transform>/<split>_<sampling>.npz`, with arrays
+`indices`/`similarities`/`filenames`). Only the two columns the loss needs (`indices`, `similarities`) stay in
+memory. Batches come in an order that is a pure function of (seed, step): epoch e is a permutation drawn from an
+RNG keyed by (seed, e), so a run resumed at step s sees exactly the batches a straight run would; each host
+loads only its slice of the global batch. Indices are joined to images through an image source (the demo world,
+an image folder, or a TFDS data source such as `imagenet2012`, by record index, which is what the released
+`indices` point into) and preprocessed with the student's own `preprocess` (its resize and value range).
 """
 from __future__ import annotations
 
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,6 +24,7 @@ import pyarrow.parquet as pq
 from alignet_data import artifacts
 
 SPLITS = ("train", "valid")
+FORMATS = ("auto", "parquet", "tfrecord", "npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,24 +57,178 @@ class ArrayImages:
     return self.images[np.asarray(ids)]
 
 
-def demo_world_images(world_url: str, split: str = "pool") -> ArrayImages:
+def _stack_or_list(images: list[np.ndarray]) -> Any:
+  if images and all(im.shape == images[0].shape for im in images):
+    return np.stack(images)
+  return images
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoImages(ArrayImages):
+  """A demo world's images; `world_url` lets the validation hooks find its Levels-/THINGS-like judgements."""
+  world_url: str = ""
+  split: str = "pool"
+
+
+def demo_world_images(world_url: str, split: str = "pool") -> DemoImages:
   """The demo world's images of an embeddings split: 'pool' (ImageNet-like) or 'things' (THINGS-like)."""
   from alignet_data import demo_world
   world = demo_world.load(world_url)
   fields = {"pool": "pool_images", "things": "things_images"}
   if split not in fields:
     raise ValueError(f"Unknown demo world split {split!r}; the demo world has {sorted(fields)}.")
-  return ArrayImages(np.asarray(getattr(world, fields[split])))
+  return DemoImages(np.asarray(getattr(world, fields[split])), world_url, split)
 
 
-def shard_names(artifact: artifacts.Artifact, split: str) -> list[str]:
-  """Sorted Parquet shard names of a split; a clear error when there are none."""
-  names = artifact.glob(f"shards/{split}-*.parquet")
+class FileImages:
+  """Image files of a files:/things: source, id = position in the source's own path order (as the embed stage
+  numbers them)."""
+
+  def __init__(self, source: Any):
+    self.pattern = source.pattern
+    self.paths = list(source.paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def get(self, ids: np.ndarray) -> Any:
+    from alignet_data import image_sources
+    fs, _ = artifacts.url_to_fs(self.pattern)
+    out = []
+    for i in np.asarray(ids).tolist():
+      with fs.open(self.paths[i], "rb") as f:
+        try:
+          out.append(image_sources.decode_image(f.read()))
+        except ValueError as e:
+          raise ValueError(f"Image id {i} ({self.paths[i]}) cannot be decoded: {e}") from e
+    return _stack_or_list(out)
+
+
+class TfdsImages:
+  """A TFDS image dataset through `tfds.data_source` (random access by record index: the released `indices`).
+
+  Reads one record at a time (batch reads fail under `tfds.testing.mock_data`); thread-safe enough for the
+  single producer thread of `prefetch`.
+  """
+
+  def __init__(self, name: str, split: str, version: str | None = None, data_dir: str | None = None):
+    self.name, self.split, self.version, self.data_dir = name, split, version, data_dir
+    self._ds = None
+
+  def _source(self) -> Any:
+    if self._ds is None:
+      import tensorflow_datasets as tfds  # Lazy: seconds to import.
+      name = f"{self.name}:{self.version}" if self.version else self.name
+      try:
+        self._ds = tfds.data_source(name, split=self.split, data_dir=self.data_dir, download=False)
+      except Exception as e:
+        raise OSError(f"Cannot open TFDS {name!r} split {self.split!r} (data_dir={self.data_dir!r}): {e}. Prepare "
+                      "it first (array_record format) or pass --tfds-data-dir.") from e
+    return self._ds
+
+  def __len__(self) -> int:
+    return len(self._source())
+
+  def get(self, ids: np.ndarray) -> Any:
+    from alignet_data import image_sources
+    ds = self._source()
+    return _stack_or_list([image_sources.to_rgb(np.asarray(ds[int(i)]["image"])) for i in np.asarray(ids).tolist()])
+
+
+def open_images(spec: str, tfds_data_dir: str | None = None) -> ImageSource:
+  """An image source with random access by id from a spec: 'demo:<world>:pool|things', 'files:<glob>',
+  'tfds:<name>[:<version>]:<split>' (the embed stage's specs, so a triplets artifact's ids mean the same)."""
+  from alignet_data import image_sources
+  source = image_sources.parse(spec, tfds_data_dir=tfds_data_dir)
+  if isinstance(source, image_sources.DemoSource):
+    return demo_world_images(source.world_url, source.split)
+  if isinstance(source, image_sources.FilesSource):  # files:<glob> and its subclasses (things:<root>)
+    return FileImages(source)
+  return TfdsImages(source.name, source.split, source.version, tfds_data_dir)
+
+
+# The released dataset's indices point into this data source (google-deepmind/alignet README).
+RELEASED_IMAGES = "tfds:imagenet2012:train"
+
+
+def image_spec(config: Mapping[str, Any], artifact: artifacts.Artifact | None) -> str:
+  """Which images the shards' indices point into: config `images`, else the demo `world`, else the provenance
+  recorded in the shards' manifest (triplets config -> embeddings artifact -> its source spec for the split),
+  else, for the released npz files (no manifest), TFDS imagenet2012/train."""
+  if config.get("images"):
+    return str(config["images"])
+  if config.get("world"):
+    return f"demo:{config['world']}:{config.get('image_split') or 'pool'}"
+  if artifact is None:
+    return RELEASED_IMAGES
+  cfg = artifact.config
+  emb_url, split = cfg.get("embeddings"), cfg.get("split")
+  hint = "pass --images SPEC (e.g. demo:<world>:pool, files:<glob>, tfds:imagenet2012:train)"
+  if not emb_url or not split:
+    raise ValueError(f"{artifact.url}: its manifest names no embeddings artifact/split to find the images; {hint}.")
+  try:
+    sources = artifacts.load(emb_url).config.get("sources", {})
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{artifact.url} was made from embeddings {emb_url}, which cannot be read ({e}); {hint}.") from e
+  if split not in sources:
+    raise ValueError(f"Embeddings {emb_url} have no source for split {split!r} (has {sorted(sources)}); {hint}.")
+  return str(sources[split])
+
+
+def open_shards(url: str) -> artifacts.Artifact | None:
+  """The artifact (triplets artifact or published version) at `url`, or None for a plain directory (the
+  released npz files have no manifest)."""
+  art = artifacts.try_load(url)
+  if art is None:
+    fs, path = artifacts.url_to_fs(url)
+    if not fs.isdir(path):
+      raise FileNotFoundError(f"No triplet shards at {url}: not a directory (give a triplets artifact, a published "
+                              "version, or a directory with the released alignet_{train,valid}.npz).")
+  return art
+
+
+def _names(art: artifacts.Artifact | None, url: str) -> list[str]:
+  if art is not None:
+    return sorted(art.files)
+  fs, root = artifacts.url_to_fs(url)
+  root = root.rstrip("/")
+  return sorted(p[len(root) + 1:] for p in fs.find(root))
+
+
+def shard_names(artifact: artifacts.Artifact, split: str, fmt: str = "parquet") -> list[str]:
+  """Sorted shard names of a split in one format; a clear error when there are none."""
+  if fmt == "npz":
+    return [npz_name(artifact, artifact.url, split)]
+  names = artifact.glob(f"shards/{split}-*.{fmt}")
   if not names:
     raise FileNotFoundError(
-        f"No Parquet shards for split {split!r} in {artifact.url} (expected shards/{split}-*-of-*.parquet; "
-        f"is it a triplets or publish artifact?)")
+        f"No {'Parquet' if fmt == 'parquet' else fmt} shards for split {split!r} in {artifact.url} (expected "
+        f"shards/{split}-*-of-*.{fmt}; is it a triplets or publish artifact?)")
   return names
+
+
+def npz_name(art: artifacts.Artifact | None, url: str, split: str) -> str:
+  """The released-layout npz file of a split: alignet_<split>.npz or [npz/]<transform>/<split>_<sampling>.npz."""
+  import fnmatch
+  names = _names(art, url)
+  for pattern in (f"alignet_{split}.npz", f"{split}_*.npz", f"*/{split}_*.npz", f"npz/*/{split}_*.npz"):
+    found = [n for n in names if fnmatch.fnmatch(n, pattern) and n.count("/") == pattern.count("/")]
+    if len(found) == 1:
+      return found[0]
+    if found:
+      raise ValueError(f"{url} holds several {split} npz files {found}: point --shards at the one directory "
+                       "(e.g. .../uncertainty_distillation) that holds the sampling you want.")
+  raise FileNotFoundError(f"No npz file for split {split!r} in {url} (expected alignet_{split}.npz or "
+                          f"<transform>/{split}_<sampling>.npz).")
+
+
+def detect_format(art: artifacts.Artifact | None, url: str) -> str:
+  """parquet if there are Parquet shards, else tfrecord, else npz (the released layout)."""
+  if art is not None:
+    for fmt in ("parquet", "tfrecord"):
+      if art.glob(f"shards/*.{fmt}"):
+        return fmt
+  return "npz"
 
 
 def _list_column(table: Any, name: str, dtype: Any) -> np.ndarray:
@@ -82,17 +240,49 @@ def _list_column(table: Any, name: str, dtype: Any) -> np.ndarray:
   return values.reshape(-1, 3)
 
 
-def read_triplets(artifact: artifacts.Artifact, split: str, verify: bool = True) -> Triplets:
-  """All triplets of a split (indices, similarities), verifying each shard's sha256 against the manifest."""
-  names = shard_names(artifact, split)
-  if verify:
-    artifact.verify(names)
+def read_triplets(source: artifacts.Artifact | str, split: str, verify: bool = True, fmt: str = "auto") -> Triplets:
+  """All triplets of a split (indices, similarities) in shard order.
+
+  With a manifest, every file's sha256 is checked against it and Parquet/TFRecord shards against the triplet
+  schema (version included) before anything is used; a plain directory (the released npz) has nothing to verify.
+  """
+  from alignet_data import shards
+  if isinstance(source, str):
+    art, url = open_shards(source), source
+  else:
+    art, url = source, source.url
+  if fmt == "auto":
+    fmt = detect_format(art, url)
+  if fmt not in FORMATS:
+    raise ValueError(f"Unknown shard format {fmt!r}; choose one of {FORMATS}.")
+  if fmt != "npz" and art is None:
+    raise FileNotFoundError(f"{url} has no manifest.json: {fmt} shards are read from a triplets artifact or a "
+                            "published version (use format npz for the released files).")
+  names = shard_names(art, split, fmt) if art is not None else [npz_name(None, url, split)]
+  if verify and art is not None:
+    art.verify(names)
   indices, sims = [], []
   for name in names:
-    with artifact.open(name) as f:
-      table = pq.read_table(f, columns=["indices", "similarities"])
-    indices.append(_list_column(table, "indices", np.int64))
-    sims.append(_list_column(table, "similarities", np.float32))
+    path = art.path(name) if art is not None else artifacts.join(url, name)
+    if fmt == "parquet":
+      shards.check_parquet(path)  # Schema and its version, from the footer.
+      fs, p = artifacts.url_to_fs(path)
+      with fs.open(p, "rb") as f:
+        table = pq.read_table(f, columns=["indices", "similarities"])
+      indices.append(_list_column(table, "indices", np.int64))
+      sims.append(_list_column(table, "similarities", np.float32))
+    elif fmt == "tfrecord":
+      columns = shards.read_tfrecord(path)  # Checks each record's crc32c and features.
+      indices.append(columns["indices"].astype(np.int64))
+      sims.append(columns["similarities"].astype(np.float32))
+    else:
+      fs, p = artifacts.url_to_fs(path)
+      with fs.open(p, "rb") as f, np.load(f, allow_pickle=False) as z:
+        missing = {"indices", "similarities"} - set(z.files)
+        if missing:
+          raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {z.files}): not the released AligNet layout.")
+        indices.append(np.asarray(z["indices"], np.int64).reshape(-1, 3))
+        sims.append(np.asarray(z["similarities"], np.float32).reshape(-1, 3))
   return Triplets(np.concatenate(indices), np.concatenate(sims))
 
 
@@ -154,8 +344,20 @@ def triplet_images(indices: np.ndarray, images: ImageSource,
                    preprocess: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
   """(B, 3) ids -> (B, 3, H, W, C) float32 preprocessed images (the student's own resize and value range)."""
   b = len(indices)
-  x = np.asarray(preprocess(images.get(indices.reshape(-1))), dtype=np.float32)
+  raw = images.get(indices.reshape(-1))
+  if isinstance(raw, list):  # Differently sized images (files, TFDS): the student's resize makes them one size.
+    x = np.concatenate([np.asarray(preprocess(im[None]), dtype=np.float32) for im in raw])
+  else:
+    x = np.asarray(preprocess(raw), dtype=np.float32)
   return x.reshape((b, 3) + x.shape[1:])
+
+
+def host_slice(rows: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  """This host's contiguous part of a global batch (each host loads only its images)."""
+  if len(rows) % process_count:
+    raise ValueError(f"Batch of {len(rows)} does not split over {process_count} hosts; make batch_size a multiple.")
+  per = len(rows) // process_count
+  return rows[process_index * per:(process_index + 1) * per]
 
 
 def prefetch(iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:

@@ -1,13 +1,21 @@
-"""The `train` stage: fine-tune the student on a triplets artifact's shards; the artifact holds the result.
+"""`alignet train`: fine-tune a student on triplet shards, in a persistent work directory or as a chain stage.
 
-Artifact files: `student.npz` (fine-tuned encoder, big_vision flat npz) + `student.json` (its model config name),
-so `models.load_model("<config-name>:<artifact>/student.npz")` loads it (or, in the evaluate stage's config,
-the spec "train:<artifact URL>"); `checkpoints/` (orbax, the full train state at the end); `metrics.json`
-(the final figures, = report.json) and `metrics.jsonl` (a row every `log_every` steps).
+Command line (resumes in place; one JSON config format, as every stage's config is JSON data):
+  alignet train --shards X --student demo-student --steps 200 --workdir W [--config c.json] [--set key=value]
+X is a triplets artifact, a published version, or a directory of the released `alignet_{train,valid}.npz`. The
+config is `train.DEFAULTS`, then the `--config` file, then `--set` pairs, then the flags; it is printed and kept
+in `W/config.json`. `W` gets `checkpoints/` (orbax; a rerun with more `--steps` resumes from the latest),
+`tensorboard/` (event files), `metrics.jsonl`, `metrics.json` (final `loss`, `val_triplet_accuracy`,
+`steps_per_second`, ...), and the fine-tuned encoder `student.npz` + `student.json`.
+
+As a chain stage (`alignet run`, `run()` below), the train artifact holds the same files, so
+`models.load_model("<config-name>:<artifact>/student.npz")` loads the result (or, in the evaluate stage's
+config, the spec "train:<artifact URL>").
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -19,11 +27,16 @@ from trainer import train
 STAGE = "train"
 
 _FLAGS = {  # config key -> (type, help)
-    "shards": (str, "triplets (or publish) artifact URL with shards/{train,valid}-*.parquet"),
+    "shards": (str, "triplets artifact, published version, or directory of released alignet_*.npz (any fsspec URL)"),
+    "format": (str, "shard format: auto | parquet | tfrecord | npz"),
+    "images": (str, "images the indices point into: demo:<world>:pool, files:<glob>, tfds:imagenet2012:train "
+                    "(default: from the shards' provenance)"),
+    "tfds_data_dir": (str, "data_dir of a tfds: image source"),
     "world": (str, "demo world artifact URL: the images the shards' indices point into"),
     "image_split": (str, "which image set of the world the indices index (default: pool)"),
     "student": (str, "model spec: demo-student or <config-name>:<checkpoint.npz>"),
-    "head_dim": (int, "linear triplet head size on the representation (0 = none; released trainer: 1024)"),
+    "head_dim": (int, "linear triplet head size (0 = none; -1 = auto: none for demo students, else 1024)"),
+    "compute_dtype": (str, "float32 | bfloat16 | auto (bfloat16 on GPU/TPU)"),
     "steps": (int, "optimiser steps"),
     "batch_size": (int, "triplets per step"),
     "learning_rate": (float, "peak learning rate of the warm-up + cosine schedule"),
@@ -35,7 +48,7 @@ _FLAGS = {  # config key -> (type, help)
     "seed": (int, "seed of the data order and head init"),
     "eval_every": (int, "steps between validation passes (0 = before and after only)"),
     "checkpoint_every": (int, "steps between orbax checkpoints (0 = at the end only)"),
-    "log_every": (int, "steps between metrics.jsonl rows"),
+    "log_every": (int, "steps between metrics.jsonl rows and TensorBoard points"),
 }
 
 
@@ -44,12 +57,53 @@ def default_config() -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--workdir", required=True,
+                      help="local run directory, in place of --out: checkpoints, TensorBoard events, metrics; a "
+                      "rerun resumes there")
+  parser.add_argument("--config", dest="config_file", default=None, help="JSON config file (keys of the config)")
+  parser.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
+                      help="override any config key (VALUE parsed as JSON, else a string); repeatable")
+  parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
   for key, (kind, help_text) in _FLAGS.items():
     parser.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=help_text)
 
 
+def _merge(config: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+  unknown = set(overrides) - set(config)
+  if unknown:
+    raise KeyError(f"{where} sets unknown train config keys {sorted(unknown)}; known keys: {sorted(config)}.")
+  config.update(overrides)
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+  key, sep, value = item.partition("=")
+  if not sep or not key:
+    raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+  try:
+    return key.replace("-", "_"), json.loads(value)
+  except json.JSONDecodeError:
+    return key.replace("-", "_"), value
+
+
+def read_config_file(url: str) -> dict[str, Any]:
+  fs, path = artifacts.url_to_fs(url)
+  with fs.open(path, "rb") as f:
+    try:
+      data = json.loads(f.read())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{url} is not valid JSON: {e}") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{url} must hold a JSON object of train config keys, got {type(data).__name__}.")
+  return {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" and the like are notes
+
+
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  """default_config(), then the --config file, then --set KEY=VALUE, then the dedicated flags."""
   config = default_config()
+  if getattr(args, "config_file", None):
+    _merge(config, read_config_file(args.config_file), args.config_file)
+  if getattr(args, "overrides", None):
+    _merge(config, dict(map(_parse_set, args.overrides)), "--set")
   for key in _FLAGS:
     value = getattr(args, key, None)
     if value is not None:
@@ -57,8 +111,45 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
   return config
 
 
+def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+  """`alignet train ... --workdir W`: train (or resume) in W, printing the config and where everything went."""
+  del beam_args  # Not a Beam stage (the CLI refuses extra flags for it).
+  config = config_from_args(args)
+  workdir = args.workdir
+  if "://" in workdir and not workdir.startswith("file://"):
+    raise ValueError(f"--workdir must be a local directory (orbax, TensorBoard and the export write there), got "
+                     f"{workdir!r}; copy it to {workdir.split('://')[0]}:// afterwards.")
+  workdir = workdir.removeprefix("file://")
+  print("[train] config:\n" + json.dumps(config, indent=2, sort_keys=True), flush=True)
+  if args.print_config:
+    return 0
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    with open(saved) as f:
+      previous = json.load(f)
+    changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+    if changed:
+      print(f"[train] config differs from the last run in {workdir} in {changed} (resuming anyway; a new `steps` "
+            "stretches the learning-rate schedule)", flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  with open(saved, "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write("\n")
+  print(f"[train] checkpoints: {os.path.join(workdir, 'checkpoints')}; TensorBoard: "
+        f"{os.path.join(workdir, 'tensorboard')}; metrics: {os.path.join(workdir, 'metrics.jsonl')}, "
+        f"{os.path.join(workdir, 'metrics.json')}", flush=True)
+  result = train.train_and_evaluate(config, workdir)
+  print(f"train: loss {result['loss']:.4f}, val_triplet_accuracy {result['val_triplet_accuracy']:.4f}, "
+        f"{result['steps_per_second']:.2f} steps/s; workdir {workdir} (checkpoints/, tensorboard/, metrics.json, "
+        "student.npz)")
+  return 0
+
+
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
   urls = {"shards": config["shards"], "world": config["world"]}
+  if config.get("images"):
+    from alignet_data import image_sources
+    urls["images"] = image_sources.input_url(config["images"]) or ""
   student = config["student"]
   if ":" in student:  # "<config-name>:<checkpoint>": the checkpoint file is an input too.
     urls["student"] = student.split(":", 1)[1]

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax
@@ -27,13 +27,19 @@ from trainer import input_pipeline, losses
 # Defaults are the demo's (tiny student, 2 CPU cores, ~1 minute): measured on the demo chain, 600 steps of 64
 # triplets raise the student's coarse Levels-like accuracy most. For real students use RELEASED on top.
 DEFAULTS: dict[str, Any] = {
-    "shards": "",             # triplets (or publish) artifact URL holding shards/{train,valid}-*.parquet
+    "shards": "",             # triplets artifact / published version URL (or a directory of released npz files)
+    "format": "auto",         # auto | parquet | tfrecord | npz (auto: parquet, else tfrecord, else npz)
+    "images": "",             # image source spec the indices point into: demo:<world>:pool, files:<glob>,
+                              # tfds:imagenet2012:train; "" = `world` if set, else the shards' provenance
+    "tfds_data_dir": None,    # data_dir of a tfds: image source
     "world": "",              # demo world artifact URL: the images the shards' indices point into
     "image_split": "pool",    # which of the world's image sets the indices index ("pool" = ImageNet-like)
     "student": "demo-student",  # model spec for models.load_model
-    "head_dim": 0,            # linear triplet head on the representation; 0 = none (released trainer: 1024)
+    "head_dim": -1,           # linear triplet head on the representation; 0 = none; -1 = auto (demo: none,
+                              # other students: 1024, as the released trainer)
+    "compute_dtype": "auto",  # float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU); params stay f32
     "steps": 600,
-    "batch_size": 64,         # triplets per step (3x images)
+    "batch_size": 64,         # global triplets per step (3x images), split over all devices
     "learning_rate": 1e-3,    # peak of the warm-up + cosine schedule (released, ViT-B: 3e-5)
     "warmup_steps": 60,
     "decay_to_init": 1.0,     # weight of the decoupled decay towards the initial weights (released: 1.0)
@@ -43,15 +49,17 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "eval_batch_size": 256,
     "eval_every": 0,          # steps between validation passes; 0 = only before and after training
+    "hooks": ["levels", "things"],  # extra validation on a demo world: Levels-like / THINGS-like accuracy
     "checkpoint_every": 0,    # steps between orbax checkpoints; 0 = only at the end
-    "log_every": 25,          # steps between rows of metrics.jsonl
+    "keep_checkpoints": 2,    # orbax max_to_keep
+    "log_every": 25,          # steps between rows of metrics.jsonl / TensorBoard points
 }
 
 
 # The released trainer's settings (google-deepmind/alignet configs/siglip.py), for ViT-B-sized students.
 RELEASED: dict[str, Any] = {"steps": 100_000, "batch_size": 512, "learning_rate": 3e-5, "warmup_steps": 5_000,
                             "decay_to_init": 1.0, "head_dim": 1024, "tau": 100.0, "loss": "js",
-                            "checkpoint_every": 10_000, "eval_every": 5_000}
+                            "checkpoint_every": 10_000, "eval_every": 5_000, "compute_dtype": "auto"}
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
@@ -107,14 +115,41 @@ class TrainState:
   opt_state: Any
 
 
-def make_represent(embed_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[[Any, jax.Array], jax.Array]:
-  """The representation the loss sees: the student's embed_fn, then the linear triplet head if there is one."""
+def resolve_dtype(name: str) -> Any:
+  """float32 | bfloat16 | auto: bfloat16 compute on accelerators (GPU/TPU), float32 on CPU."""
+  if name == "auto":
+    name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"compute_dtype must be float32, bfloat16 or auto; got {name!r}.")
+  return jnp.dtype(name)
+
+
+def make_represent(embed_fn: Callable[[Any, jax.Array], jax.Array],
+                   compute_dtype: Any = jnp.float32) -> Callable[[Any, jax.Array], jax.Array]:
+  """The representation the loss sees: the student's embed_fn, then the linear triplet head if there is one.
+
+  With a bfloat16 compute dtype the encoder runs on bf16 copies of the float32 master weights (mixed
+  precision: gradients flow back through the cast into float32); the head and the loss stay float32.
+  """
+  compute_dtype = jnp.dtype(compute_dtype)
+
   def represent(params, images):
-    z = embed_fn(params["encoder"], images).astype(jnp.float32)
+    encoder = params["encoder"]
+    if compute_dtype != jnp.float32:
+      encoder = jax.tree.map(lambda p: p.astype(compute_dtype), encoder)
+      images = images.astype(compute_dtype)
+    z = embed_fn(encoder, images).astype(jnp.float32)
     if "head" in params:
       z = z @ params["head"]["kernel"] + params["head"]["bias"]
     return z
   return represent
+
+
+def head_size(head_dim: int, model_config: Mapping[str, Any]) -> int:
+  """-1 = auto: none for the demo students (before/after compare one representation), 1024 for real ones."""
+  if int(head_dim) >= 0:
+    return int(head_dim)
+  return 0 if str(model_config.get("name", "")).startswith("vit-demo") else 1024
 
 
 def init_params(encoder_params: Any, dim: int, head_dim: int, rng: jax.Array) -> dict[str, Any]:
@@ -170,34 +205,57 @@ def eval_step(params: Any, images: jax.Array, target_sims: jax.Array, mask: jax.
   }
 
 
-def evaluate(eval_fn: Callable, params: Any, data: input_pipeline.Triplets, images: input_pipeline.ImageSource,
-             preprocess: Callable, batch_size: int) -> dict[str, float]:
-  """Validation loss and triplet accuracy (student's odd one out == teacher's) over every triplet of `data`."""
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  for idx, sims, mask in input_pipeline.eval_batches(data, batch_size):
-    x = input_pipeline.triplet_images(idx, images, preprocess)
-    out = eval_fn(params, x, sims, mask)
-    for k in totals:
-      totals[k] += float(out[k])
-  n = max(totals["count"], 1.0)
-  return {"loss": totals["loss_sum"] / n, "triplet_accuracy": totals["correct"] / n, "count": int(totals["count"])}
-
-
 # ----------------------------------------------------------------------------------------------- the loop
 
 _OPTIMIZER_KEYS = ("steps", "learning_rate", "warmup_steps", "decay_to_init", "grad_clip")
 
 
+def make_mesh(devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A 1-D data-parallel mesh ('data') over all devices of all hosts (or the given ones)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def _shardings(mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  from jax.sharding import NamedSharding, PartitionSpec
+  return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+
+def shard_batch(mesh: jax.sharding.Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """This host's rows of a global batch -> global arrays split along the batch axis over the mesh."""
+  _, data = _shardings(mesh)
+  if jax.process_count() == 1:
+    return tuple(jax.device_put(a, data) for a in arrays)
+  return tuple(jax.make_array_from_process_local_data(data, a) for a in arrays)
+
+
+def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  return jax.device_put(tree, _shardings(mesh)[0])
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled(embed_fn: Callable, opt_key: tuple, loss: str, tau: float) -> tuple[Any, Callable, Callable]:
-  """(tx, jitted train step, jitted eval step), cached so that repeated runs of one model reuse the compilation."""
+def compiled_steps(embed_fn: Callable, opt_key: tuple, loss: str, tau: float, compute_dtype: str,
+                   mesh: jax.sharding.Mesh) -> tuple[Any, Callable, Callable]:
+  """(tx, jitted train step, jitted eval step) for a mesh: state replicated, batches split on 'data'.
+
+  Cached so that repeated runs of one model reuse the compilation.
+  """
   config = dict(opt_key)
-  represent = make_represent(embed_fn)
+  represent = make_represent(embed_fn, jnp.dtype(compute_dtype))
   tx = make_optimizer(config)
-  step_fn = jax.jit(functools.partial(train_step, represent=represent, tx=tx, loss=loss, tau=tau,
-                                      schedule=make_schedule(config)), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, represent=represent, loss=loss, tau=tau))
+  step_fn = jit_train_step(mesh, represent=represent, tx=tx, loss=loss, tau=tau, schedule=make_schedule(config))
+  rep, data = _shardings(mesh)
+  eval_fn = jax.jit(functools.partial(eval_step, represent=represent, loss=loss, tau=tau),
+                    in_shardings=(rep, data, data, data), out_shardings=rep)
   return tx, step_fn, eval_fn
+
+
+def jit_train_step(mesh: jax.sharding.Mesh, **step_kwargs: Any) -> Callable:
+  """`train_step` jitted for a data-parallel mesh: state replicated, (images, targets) split on 'data', so XLA
+  all-reduces the gradients; the state is donated (updated in place)."""
+  rep, data = _shardings(mesh)
+  return jax.jit(functools.partial(train_step, **step_kwargs), in_shardings=(rep, data, data),
+                 out_shardings=(rep, rep), donate_argnums=0)
 
 
 def _checkpoint_manager(workdir: str, keep: int = 2):
@@ -211,47 +269,132 @@ def _save(manager, state: TrainState) -> None:
   manager.save(int(state.step), args=ocp.args.StandardSave(state))
 
 
-def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = None,
-                       images: input_pipeline.ImageSource | None = None,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Train `config["steps"]` steps (resuming from the latest checkpoint in workdir), evaluate, export.
+# ------------------------------------------------------------------------------------- validation hooks
 
-  Writes into the local directory `workdir`: `checkpoints/` (orbax), `metrics.jsonl` (a row every
-  `log_every` steps), `metrics.json` (the final figures, also returned), `student.npz` (the fine-tuned encoder,
-  big_vision layout; `load_model("<name>:<workdir>/student.npz")` loads it), `student.json` (the model config
-  name and how to load it) and `triplet_head.npz` when there is a head. `model` and `images` override the
-  config's `student` and `world` (tests inject tiny stand-ins).
+
+def _embed_all(embed: Callable, params: Any, images: np.ndarray, preprocess: Callable, batch: int) -> np.ndarray:
+  """Representations of uint8 images in fixed-size (padded) batches: one compiled shape."""
+  out = []
+  for i in range(0, len(images), batch):
+    x = preprocess(images[i:i + batch])
+    n = len(x)
+    if n < batch:
+      x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
+    out.append(np.asarray(embed(params, x))[:n])
+  return np.concatenate(out)
+
+
+def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Callable], dict[str, float]]]:
+  """Validation hooks on a demo world: name -> fn(embed_uint8) -> {metric: value}.
+
+  `levels`: the student's odd-one-out accuracy against the simulated participants' majority vote per level
+  (coarse / fine / boundary; no-majority triplets excluded), as the evaluate stage computes it (without CIs).
+  `things`: THINGS-like test accuracy (the human odd one out is item 2).
+  """
+  from alignet_data import demo_world, evaluation, triplet_math
+
+  unknown = set(names) - {"levels", "things"}
+  if unknown:
+    raise ValueError(f"Unknown validation hooks {sorted(unknown)}; choose from ['levels', 'things'].")
+  world = demo_world.load(world_url)
+  hooks: dict[str, Callable[[Callable], dict[str, float]]] = {}
+  if "levels" in names:
+    pool_ids, local = np.unique(world.levels_triplets, return_inverse=True)
+    local = local.reshape(world.levels_triplets.shape)
+    majority = evaluation.majority_vote(world.levels_choices)
+    levels = np.asarray(world.levels_level).astype(str)
+
+    def levels_hook(embed):
+      sims = triplet_math.triplet_similarities(embed(world.pool_images[pool_ids]), local)
+      correct = evaluation.odd_one_out_correct(sims, majority)
+      return {f"levels_{lv}_accuracy": float(correct[(levels == lv) & (majority >= 0)].mean())
+              for lv in sorted(set(levels))}
+    hooks["levels"] = levels_hook
+  if "things" in names:
+    def things_hook(embed):
+      sims = triplet_math.triplet_similarities(embed(world.things_images), world.things_test)
+      return {"things_accuracy": float(evaluation.odd_one_out_correct(sims, 2).mean())}
+    hooks["things"] = things_hook
+  return hooks
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = None,
+                       images: input_pipeline.ImageSource | None = None, mesh: jax.sharding.Mesh | None = None,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Train to `config["steps"]` (resuming from the latest checkpoint in workdir), validate, export.
+
+  Writes into the local directory `workdir`: `checkpoints/` (orbax), `tensorboard/` (event files),
+  `metrics.jsonl` (a row every `log_every` steps, appended as training goes), `metrics.json` (the final figures,
+  also returned), `student.npz` (the fine-tuned encoder, big_vision layout; `load_model("<name>:<workdir>/
+  student.npz")` loads it), `student.json` (the model config and how to load it) and `triplet_head.npz` when
+  there is a head. `model` and `images` override the config's `student` and image source (tests inject tiny
+  stand-ins); `mesh` defaults to all devices.
   """
   from tqdm import tqdm
+
+  from trainer import events
 
   config = {**DEFAULTS, **config}
   steps, batch_size = int(config["steps"]), int(config["batch_size"])
   os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh() if mesh is None else mesh
+  n_dev = mesh.devices.size
+  if batch_size % n_dev:
+    raise ValueError(f"batch_size {batch_size} does not split over {n_dev} devices; use a multiple of {n_dev}.")
+  eval_batch = -(-int(config["eval_batch_size"]) // n_dev) * n_dev
 
-  shards = artifacts.load(config["shards"])
-  train_data = input_pipeline.read_triplets(shards, "train")
-  valid_data = input_pipeline.read_triplets(shards, "valid")
+  if not config["shards"]:
+    raise ValueError("config['shards'] is empty: give a triplets artifact, a published version or a directory of "
+                     "released alignet_*.npz files (--shards).")
+  shards_art = input_pipeline.open_shards(config["shards"])
+  fmt = config["format"]
+  train_data = input_pipeline.read_triplets(shards_art or config["shards"], "train", fmt=fmt)
+  valid_data = input_pipeline.read_triplets(shards_art or config["shards"], "valid", fmt=fmt)
+  spec = None
   if images is None:
-    if not config["world"]:
-      raise ValueError("config['world'] is empty: give the demo world artifact whose images the shards index.")
-    images = input_pipeline.demo_world_images(config["world"], config["image_split"])
-  input_pipeline.check_indices(train_data, images, f"{shards.url} (train)")
-  input_pipeline.check_indices(valid_data, images, f"{shards.url} (valid)")
+    spec = input_pipeline.image_spec(config, shards_art)
+    images = input_pipeline.open_images(spec, config["tfds_data_dir"])
+  input_pipeline.check_indices(train_data, images, f"{config['shards']} (train)")
+  input_pipeline.check_indices(valid_data, images, f"{config['shards']} (valid)")
   if model is None:
     from alignet_data import models
     model = models.load_model(config["student"])
-  log(f"[train] {len(train_data)} train / {len(valid_data)} valid triplets from {shards.url}; "
-      f"student {model.config.get('name', config['student'])} (dim {model.dim})")
+  head_dim = head_size(config["head_dim"], model.config)
+  dtype = resolve_dtype(config["compute_dtype"])
+  log(f"[train] {len(train_data)} train / {len(valid_data)} valid triplets from {config['shards']}"
+      f"{f'; images {spec}' if spec else ''}; student {model.config.get('name', config['student'])} "
+      f"(dim {model.dim}, head {head_dim or 'none'}, {dtype.name} compute) on {n_dev} {jax.default_backend()} "
+      f"device(s)")
 
   opt_key = tuple((k, config[k]) for k in _OPTIMIZER_KEYS)
-  tx, step_fn, eval_fn = _compiled(model.embed_fn, opt_key, config["loss"], float(config["tau"]))
+  tx, step_fn, eval_fn = compiled_steps(model.embed_fn, opt_key, config["loss"], float(config["tau"]), dtype.name,
+                                        mesh)
   rng = jax.random.PRNGKey(int(config["seed"]))
-  state = create_train_state(init_params(model.params, model.dim, int(config["head_dim"]), rng), tx)
+  state = replicate(mesh, create_train_state(init_params(model.params, model.dim, head_dim, rng), tx))
 
-  def run_eval(params):
-    return evaluate(eval_fn, params, valid_data, images, model.preprocess, int(config["eval_batch_size"]))
+  hooks = {}
+  if config["hooks"] and isinstance(images, input_pipeline.DemoImages) and images.world_url:
+    hooks = demo_hooks(images.world_url, list(config["hooks"]))
+  embed_jit = jax.jit(model.embed_fn)
 
-  manager = _checkpoint_manager(workdir)
+  def run_eval(params) -> dict[str, float]:
+    out = {}
+    for idx, sims, mask in input_pipeline.eval_batches(valid_data, eval_batch):
+      x = input_pipeline.triplet_images(idx, images, model.preprocess)
+      got = eval_fn(params, *shard_batch(mesh, x, sims, mask))
+      for k, v in got.items():
+        out[k] = out.get(k, 0.0) + float(v)
+    n = max(out["count"], 1.0)
+    result = {"val_loss": out["loss_sum"] / n, "val_triplet_accuracy": out["correct"] / n,
+              "val_triplets": int(out["count"])}
+    for hook in hooks.values():
+      result.update(hook(lambda imgs: _embed_all(embed_jit, params["encoder"], imgs, model.preprocess, eval_batch)))
+    return result
+
+  manager = _checkpoint_manager(workdir, int(config["keep_checkpoints"]))
   start = 0
   if manager.latest_step() is not None:
     import orbax.checkpoint as ocp
@@ -260,80 +403,125 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       raise ValueError(f"{workdir} holds a checkpoint at step {start}, past steps={steps}: raise steps or use "
                        "a fresh workdir.")
     state = manager.restore(start, args=ocp.args.StandardRestore(state))
-    log(f"[train] resumed from step {start} ({workdir}/checkpoints)")
+    log(f"[train] resumed from step {start} (latest checkpoint)")
   before = run_eval(state.params) if start == 0 else None
 
   log_path = os.path.join(workdir, "metrics.jsonl")
-  rows = [] if start == 0 else _read_jsonl(log_path, upto=start)
+  rows = _read_jsonl(log_path, upto=start)  # A killed run's rows past its last checkpoint are dropped.
+  with open(log_path, "w") as f:
+    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+  tb = events.EventWriter(os.path.join(workdir, "tensorboard"))
+  if before is not None:
+    tb.scalars(0, _tb_scalars(before))
   input_seconds = [0.0]  # Time the producer thread spends making batches: the input pipeline's own speed.
+  pid, n_proc = jax.process_index(), jax.process_count()
 
   def produce():
     for idx, sims in input_pipeline.train_batches(train_data, batch_size, int(config["seed"]), start, steps - start):
       t = time.perf_counter()
-      x = input_pipeline.triplet_images(idx, images, model.preprocess)
+      rows_here = input_pipeline.host_slice(np.arange(len(idx)), pid, n_proc)
+      x = input_pipeline.triplet_images(idx[rows_here], images, model.preprocess)
       input_seconds[0] += time.perf_counter() - t
-      yield x, sims
+      yield x, sims[rows_here]
 
-  batches = input_pipeline.prefetch(produce())
   every = int(config["log_every"]) or steps
-  metrics, first_step_s, t0 = None, None, time.perf_counter()
-  with tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
-    for step, (x, sims) in enumerate(batches, start + 1):  # A Python counter: reading state.step would sync.
-      state, metrics = step_fn(state, x, sims)
+  eval_every = int(config["eval_every"])
+  ckpt_every = int(config["checkpoint_every"])
+  first_step_s, t0, t1, last = None, time.perf_counter(), None, (start, time.perf_counter())
+  with open(log_path, "a") as log_file, \
+      tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
+    for step, (x, sims) in enumerate(input_pipeline.prefetch(produce()), start + 1):  # Python counter: no sync.
+      state, metrics = step_fn(state, *shard_batch(mesh, x, sims))
       if first_step_s is None:  # The first step includes compilation: keep it out of steps/s.
         jax.block_until_ready(metrics)
         first_step_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t1 = last_t = time.perf_counter()
+        last = (step, last_t)
       if step % every == 0 or step == steps:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        if config["eval_every"] and step % int(config["eval_every"]) == 0 and step < steps:
-          row["val_triplet_accuracy"] = run_eval(state.params)["triplet_accuracy"]
+        now = time.perf_counter()
+        if step > last[0]:
+          row["steps_per_second"] = (step - last[0]) / (now - last[1])
+          row["images_per_second"] = row["steps_per_second"] * batch_size * 3
+        last = (step, now)
+        if eval_every and step % eval_every == 0 and step < steps:
+          row.update(run_eval(state.params))
+          last = (step, time.perf_counter())
         rows.append(row)
+        log_file.write(json.dumps(row, sort_keys=True) + "\n")
+        log_file.flush()
+        tb.scalars(step, _tb_scalars(row))
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['triplet_accuracy']:.3f}")
-      if config["checkpoint_every"] and step % int(config["checkpoint_every"]) == 0 and step < steps:
+      if ckpt_every and step % ckpt_every == 0 and step < steps:
         _save(manager, state)
       bar.update(1)
   jax.block_until_ready(state)
   trained = steps - start
   seconds = time.perf_counter() - t0
   rate_steps = max(trained - 1, 0)
-  steps_per_second = rate_steps / (time.perf_counter() - t1) if rate_steps and first_step_s is not None else 0.0
+  steps_per_second = rate_steps / (time.perf_counter() - t1) if rate_steps and t1 is not None else 0.0
   if trained and (manager.latest_step() or -1) < steps:
     _save(manager, state)
   manager.wait_until_finished()
   manager.close()
 
   after = run_eval(state.params)
-  with open(log_path, "w") as f:
-    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+  tb.scalars(steps, _tb_scalars(after))
+  tb.close()
   export_student(workdir, state.params, model)
 
   result = {
       "loss": rows[-1]["loss"] if rows else None,
-      "val_loss": after["loss"],
-      "val_triplet_accuracy": after["triplet_accuracy"],
-      "val_triplets": after["count"],
+      **after,
       "train_triplets": len(train_data),
       "steps": steps,
       "steps_trained": trained,
       "resumed_from": start,
       "batch_size": batch_size,
+      "devices": int(n_dev),
+      "compute_dtype": dtype.name,
+      "head_dim": head_dim,
       "steps_per_second": round(steps_per_second, 3),
       "images_per_second": round(steps_per_second * batch_size * 3, 1),
-      "input_images_per_second": round(trained * batch_size * 3 / input_seconds[0], 1) if input_seconds[0] else None,
+      "input_images_per_second": round(trained * batch_size * 3 / n_proc / input_seconds[0], 1)
+      if input_seconds[0] else None,
       "first_step_seconds": round(first_step_s or 0.0, 2),
       "train_seconds": round(seconds, 2),
       "student": model.config.get("name", config["student"]),
   }
   if before is not None:
-    result["val_loss_before"] = before["loss"]
-    result["val_triplet_accuracy_before"] = before["triplet_accuracy"]
+    result.update({f"{k}_before": v for k, v in before.items() if k != "val_triplets"})
+  else:  # Resumed: keep the figures from before training that the first run of this workdir measured.
+    result.update({k: v for k, v in _read_json(os.path.join(workdir, "metrics.json")).items() if k.endswith("_before")})
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
     f.write("\n")
-  log(f"[train] val triplet accuracy {result.get('val_triplet_accuracy_before', float('nan')):.3f} -> "
+  before_acc = result.get("val_triplet_accuracy_before")
+  log(f"[train] val triplet accuracy {'?' if before_acc is None else f'{before_acc:.3f}'} -> "
       f"{result['val_triplet_accuracy']:.3f}; {result['steps_per_second']:.2f} steps/s")
   return result
+
+
+def _tb_scalars(row: Mapping[str, Any]) -> dict[str, float]:
+  """TensorBoard tags: validation figures (val_*, hook accuracies) under valid/, the rest under train/."""
+  out = {}
+  for k, v in row.items():
+    if k in ("step", "val_triplets"):
+      continue
+    if k.startswith("val_"):
+      out["valid/" + k[4:]] = v
+    elif k.startswith(("levels_", "things_")):
+      out["valid/" + k] = v
+    else:
+      out["train/" + k] = v
+  return out
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def _read_jsonl(path: str, upto: int) -> list[dict[str, Any]]:

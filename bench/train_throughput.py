@@ -1,0 +1,117 @@
+"""Trainer throughput: train steps/s (and model FLOP utilisation where a peak is given) and the input pipeline's
+own images/s, for the tiny demo student on CPU by default, or any ViT config on an accelerator.
+
+  .venv/bin/python bench/train_throughput.py                       # demo student, 64 triplets/step, CPU
+  python bench/train_throughput.py --model b/16 --batch 512 --compute-dtype bfloat16 --peak-tflops 989
+      # ViT-B/16 at 224 px, 512 triplets (1,536 images) per step, randomly initialised weights (speed only)
+
+The train step is the trainer's own (`train.compiled_steps`: KL loss, clip -> Adam -> decay to init -> lr,
+data-parallel over all devices); inputs are fixed random batches already on device, so this measures the model.
+The input figure times `input_pipeline.triplet_images` (id lookup + the student's preprocess) on one host
+thread, on demo-world-sized uint8 images (resized when --source-size differs from the model's image size).
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="demo-student", help="demo-student, a model spec, or a config name "
+                      "(e.g. b/16: random init)")
+  parser.add_argument("--batch", type=int, default=64, help="triplets per step (3x images)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
+  parser.add_argument("--compute-dtype", default="auto")
+  parser.add_argument("--head-dim", type=int, default=-1)
+  parser.add_argument("--peak-tflops", type=float, default=0.0,
+                      help="the device's peak (e.g. 989 for an H100/H200 in bf16) -> model FLOP utilisation")
+  parser.add_argument("--source-size", type=int, default=0, help="stored image size (default: the model's)")
+  parser.add_argument("--input-batches", type=int, default=10)
+  args = parser.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+
+  from alignet_data import models
+  from trainer import input_pipeline, train
+
+  if args.model.startswith("demo-") or ":" in args.model:
+    model = models.load_model(args.model)
+  else:
+    model = models.build(models.get_config(args.model))
+  cfg = {**train.DEFAULTS, "steps": 1000, "warmup_steps": 10}
+  mesh = train.make_mesh()
+  dtype = train.resolve_dtype(args.compute_dtype)
+  opt_key = tuple((k, cfg[k]) for k in train._OPTIMIZER_KEYS)
+  tx, step_fn, _ = train.compiled_steps(model.embed_fn, opt_key, "kl", 100.0, dtype.name, mesh)
+  head = train.head_size(args.head_dim, model.config)
+  state = train.replicate(mesh, train.create_train_state(
+      train.init_params(model.params, model.dim, head, jax.random.PRNGKey(0)), tx))
+  rng = np.random.default_rng(0)
+  size = model.image_size
+  x = rng.uniform(0, 1, (args.batch, 3, size, size, 3)).astype(np.float32)
+  sims = rng.normal(0, 2, (args.batch, 3)).astype(np.float32)
+  xs, ss = train.shard_batch(mesh, x, sims)
+
+  t = time.perf_counter()
+  compiled = step_fn.lower(state, xs, ss).compile()
+  compile_s = time.perf_counter() - t
+  flops = None
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float(cost.get("flops", 0.0)) or None
+  except Exception:  # Not every backend reports costs.
+    pass
+  for _ in range(2):
+    state, metrics = compiled(state, xs, ss)
+  jax.block_until_ready(metrics)
+  t = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = compiled(state, xs, ss)
+  jax.block_until_ready(state)
+  step_s = (time.perf_counter() - t) / args.steps
+
+  # The input pipeline alone: ids -> uint8 images -> the student's preprocess, as the producer thread runs it.
+  src_size = args.source_size or size
+  pool = rng.integers(0, 256, (4096, src_size, src_size, 3), dtype=np.uint8)
+  images = input_pipeline.ArrayImages(pool)
+  data = input_pipeline.Triplets(rng.integers(0, len(pool), (args.batch * args.input_batches, 3)),
+                                 rng.normal(size=(args.batch * args.input_batches, 3)).astype(np.float32))
+  batches = list(input_pipeline.train_batches(data, args.batch, seed=0, num_steps=args.input_batches))
+  input_pipeline.triplet_images(batches[0][0], images, model.preprocess)  # warm-up (jit of a resize)
+  t = time.perf_counter()
+  for idx, _ in batches:
+    input_pipeline.triplet_images(idx, images, model.preprocess)
+  input_s = time.perf_counter() - t
+
+  result = {
+      "model": model.config.get("name", args.model), "image_size": size, "batch_triplets": args.batch,
+      "batch_images": 3 * args.batch, "devices": int(mesh.devices.size), "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind, "compute_dtype": dtype.name, "head_dim": head,
+      "compile_seconds": round(compile_s, 2), "train_steps_per_second": round(1 / step_s, 3),
+      "train_images_per_second": round(3 * args.batch / step_s, 1),
+      "input_images_per_second": round(3 * args.batch * args.input_batches / input_s, 1),
+      "input_source_size": src_size, "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+      "loss": float(jnp.asarray(metrics["loss"])),
+  }
+  if flops:
+    result["step_tflops"] = round(flops / 1e12, 4)
+    result["achieved_tflops_per_s"] = round(flops / step_s / 1e12, 3)
+    if args.peak_tflops:
+      result["mfu"] = round(flops / step_s / 1e12 / (args.peak_tflops * mesh.devices.size), 4)
+  print(json.dumps(result, indent=2))
+  return result
+
+
+if __name__ == "__main__":
+  main()
