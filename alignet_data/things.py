@@ -11,9 +11,10 @@ another response.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -112,6 +113,85 @@ def read_triplet_file(url: str, n_objects: int | None = None) -> TripletFile:
 def load_triplets(url: str, n_objects: int | None = None) -> np.ndarray:
   """(n, 3) int64 triplets of a file (any subject column dropped)."""
   return read_triplet_file(url, n_objects).triplets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The canonical concept table and the upload order.
+
+N_THINGS = 1854  # THINGS object concepts.
+
+
+@dataclasses.dataclass(frozen=True)
+class Concepts:
+  """The THINGS concepts in canonical order (the rows of unique_id.txt, alphabetical by uniqueID)."""
+  unique_id: np.ndarray           # (C,) str, e.g. "aardvark", "bat1", "bat2".
+  word: np.ndarray                # (C,) str, the concept's name ("bat" for both bats).
+  wordnet_id: np.ndarray          # (C,) str, e.g. "n02082791"; "" where THINGS gives none (58 concepts).
+  category_bottom_up: np.ndarray  # (C,) str, "Bottom-up Category (Human Raters)"; "" where none.
+  category_top_down: np.ndarray   # (C,) str, "Top-down Category (WordNet)"; "" where none.
+
+  def __len__(self) -> int:
+    return len(self.unique_id)
+
+  def index(self, unique_ids: Sequence[str]) -> np.ndarray:
+    """Canonical indices of the given uniqueIDs (KeyError naming the first unknown one)."""
+    lookup = {u: i for i, u in enumerate(self.unique_id)}
+    missing = [u for u in unique_ids if u not in lookup]
+    if missing:
+      raise KeyError(f"Unknown THINGS uniqueID {missing[0]!r} ({len(missing)} unknown); see unique_id.txt.")
+    return np.array([lookup[u] for u in unique_ids], np.int64)
+
+
+def _read_text(url: str) -> str:
+  fs, path = artifacts.url_to_fs(url)
+  if not fs.isfile(path):
+    raise FileNotFoundError(f"File not found: {url}")
+  with fs.open(path, "rb") as f:
+    return f.read().decode("utf-8")
+
+
+def load_concepts(root: str) -> Concepts:
+  """Read `unique_id.txt` and `things_concepts.tsv` from a THINGS data folder and check they agree row by row."""
+  ids = [line.strip() for line in _read_text(artifacts.join(root, "unique_id.txt")).splitlines() if line.strip()]
+  rows = list(csv.DictReader(io.StringIO(_read_text(artifacts.join(root, "things_concepts.tsv"))), delimiter="\t"))
+  table = [r.get("uniqueID", "") for r in rows]
+  if table != ids:
+    bad = next((i for i, (a, b) in enumerate(zip(table, ids, strict=False)) if a != b),
+               min(len(table), len(ids)))
+    raise ValueError(f"{root}: things_concepts.tsv ({len(table)} rows) does not list the uniqueIDs of "
+                     f"unique_id.txt ({len(ids)}) in the same order; first difference at row {bad}.")
+  col = lambda name: np.array([(r.get(name) or "").strip() for r in rows], dtype=str)
+  return Concepts(np.array(ids, dtype=str), col("Word"), col("WordNet ID"),
+                  col("Bottom-up Category (Human Raters)"), col("Top-down Category (WordNet)"))
+
+
+def load_sortindex(url: str, n_objects: int | None = None) -> np.ndarray:
+  """The THINGS `sortindex` file: a permutation p with canonical embedding = upload embedding[p]."""
+  try:
+    p = np.loadtxt(io.StringIO(_read_text(url)), dtype=np.int64, ndmin=1)
+  except ValueError as e:
+    raise ValueError(f"{url}: a sortindex is one integer per line ({e}).") from e
+  if p.ndim != 1 or not np.array_equal(np.sort(p), np.arange(len(p))):
+    raise ValueError(f"{url}: not a 0-based permutation of {len(p)} indices; is it the THINGS sortindex file?")
+  if n_objects is not None and len(p) != n_objects:
+    raise ValueError(f"{url}: has {len(p)} entries, the data has {n_objects} objects.")
+  return p
+
+
+def upload_to_canonical(triplets: np.ndarray, sortindex: np.ndarray) -> np.ndarray:
+  """Convert upload-order (Hebart et al. 2020 / VICE) object indices to canonical ones: argsort(sortindex)[t]."""
+  t = np.asarray(triplets, np.int64)
+  if t.size and (t.min() < 0 or t.max() >= len(sortindex)):
+    raise ValueError(f"Upload-order index out of range [0, {len(sortindex)}): {int(t.min())}..{int(t.max())}.")
+  return np.argsort(sortindex)[t]
+
+
+def embedding_to_canonical(embedding: np.ndarray, sortindex: np.ndarray) -> np.ndarray:
+  """Reorder the rows of an upload-order (n_objects, d) embedding to canonical order: E[sortindex]."""
+  e = np.asarray(embedding)
+  if e.ndim != 2 or len(e) != len(sortindex):
+    raise ValueError(f"Embedding of shape {e.shape} does not have one row per sortindex entry ({len(sortindex)}).")
+  return e[sortindex]
 
 
 # ----------------------------------------------------------------------------------------------------------------

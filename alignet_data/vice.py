@@ -34,6 +34,7 @@ from scipy import special
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 PRUNE_MODES = ("converged", "always", "never")
+MODELS = ("vice", "spose")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +52,20 @@ class ViceConfig:
   ws: int = 200            # Converged when the pruned dimensionality is unchanged for ws epochs (after burn-in).
   # Keep only the BH-selected dimensions in the final parameters: "converged" (only when the convergence rule
   # stopped training), "always" (VICE's behaviour) or "never". Before convergence the test can reject nearly
-  # every dimension while they still carry signal (THINGS, 40 epochs: 3 of 100 pass; p* accuracy on the 50k
-  # test set drops from 0.564 with all dimensions to 0.380 with those 3), hence the default.
+  # every dimension while they still carry signal (THINGS, batch 128, 40 epochs: 3 of 100 pass; p* accuracy on
+  # the 50k test set drops from 0.564 with all dimensions to 0.380 with those 3; batch 1024, 90 epochs: 13 pass,
+  # 0.585 -> 0.567), hence the default.
   prune: str = "converged"
   eval_every: int = 1      # With validation triplets: score them every this many epochs.
   val_samples: int = 10    # Posterior samples for the validation score (VICE's default).
   keep_best: bool = False  # With validation triplets: return the parameters of the epoch with the best val NLL.
+  patience: int = 0        # With validation triplets: stop after this many scorings without a better val NLL (0: off).
   seed: int = 0
+  # "vice", or "spose": the plain SPoSE model (Hebart et al. 2020) trained by the same loop: one point embedding
+  # per object, kept non-negative by projection after every step, NLL + lmbda / n_objects * L1 (no prior, no
+  # sampling; scale is 0). Its defaults as in SPoSE: weights ~ N(0.1, 0.01), lmbda 0.008.
+  model: str = "vice"
+  lmbda: float = 0.008
 
 
 @dataclasses.dataclass
@@ -91,9 +99,13 @@ def log_spike_and_slab(x: jax.Array, pi: float = 0.5, spike: float = 0.25, slab:
 # The model.
 
 
-def init_params(n_objects: int, dims: int, seed: int) -> dict[str, jax.Array]:
-  """loc ~ Kaiming normal (std sqrt(2 / d), as torch's fan_out mode), log_scale = -1 / std(loc)."""
-  loc = jax.random.normal(jax.random.key(seed), (n_objects, dims), jnp.float32) * math.sqrt(2.0 / dims)
+def init_params(n_objects: int, dims: int, seed: int, model: str = "vice") -> dict[str, jax.Array]:
+  """VICE: loc ~ Kaiming normal (std sqrt(2 / d), as torch's fan_out mode), log_scale = -1 / std(loc).
+  SPoSE: loc ~ N(0.1, 0.01^2) (SPoSE's init: every object starts weakly positive in every dimension)."""
+  noise = jax.random.normal(jax.random.key(seed), (n_objects, dims), jnp.float32)
+  if model == "spose":
+    return {"loc": 0.1 + 0.01 * noise}
+  loc = noise * math.sqrt(2.0 / dims)
   return {"loc": loc, "log_scale": jnp.full_like(loc, -1.0 / jnp.std(loc))}
 
 
@@ -128,17 +140,36 @@ def loss_fn(params: dict[str, jax.Array], key: jax.Array, triplets: jax.Array, w
   return nll + complexity, {"nll": nll, "complexity": complexity, "accuracy": acc}
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "n_train", "pi", "spike", "slab"))
-def _train_epoch(params, opt_state, key, batches, weights, *, optimizer, n_train, pi, spike, slab):
+def spose_loss_fn(params: dict[str, jax.Array], triplets: jax.Array, weights: jax.Array, n_objects: int,
+                  lmbda: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SPoSE's objective on one batch: NLL of the human pair + lmbda / n_objects * ||W||_1 (W kept >= 0)."""
+  w = params["loc"]
+  logits = pair_logits(w, triplets)
+  denom = jnp.maximum(weights.sum(), 1.0)
+  nll = jnp.sum(weights * -jax.nn.log_softmax(logits, axis=-1)[:, 0]) / denom
+  complexity = lmbda / n_objects * jnp.sum(jnp.abs(w))
+  acc = jnp.sum(weights * choice_correct(logits)) / denom
+  return nll + complexity, {"nll": nll, "complexity": complexity, "accuracy": acc}
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "n_train", "pi", "spike", "slab", "model", "lmbda"))
+def _train_epoch(params, opt_state, key, batches, weights, *, optimizer, n_train, pi, spike, slab, model="vice",
+                 lmbda=0.0):
   """One pass over (n_batches, B, 3) index batches with lax.scan; returns new state and per-batch metrics."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if model == "spose":
+    n_objects = params["loc"].shape[0]
+    grad_fn = jax.value_and_grad(lambda p, k, b, w: spose_loss_fn(p, b, w, n_objects, lmbda), has_aux=True)
+  else:
+    grad_fn = jax.value_and_grad(lambda p, k, b, w: loss_fn(p, k, b, w, n_train, pi, spike, slab), has_aux=True)
 
   def step(carry, inputs):
     params, opt_state = carry
     i, batch, w = inputs
-    (loss, aux), grads = grad_fn(params, jax.random.fold_in(key, i), batch, w, n_train, pi, spike, slab)
+    (loss, aux), grads = grad_fn(params, jax.random.fold_in(key, i), batch, w)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    if model == "spose":  # SPoSE's non-negativity: project onto W >= 0 after every step.
+      params = {"loc": jax.nn.relu(params["loc"])}
     return (params, opt_state), {"loss": loss, **aux}
 
   idx = jnp.arange(batches.shape[0])
@@ -177,8 +208,10 @@ def bh_reject(pvals: np.ndarray, alpha: float = 0.05) -> np.ndarray:
 
 def dimension_importance(loc: np.ndarray, scale: np.ndarray, alpha: float = 0.05) -> np.ndarray:
   """Per dimension: how many objects are significantly positive (H0: x_od <= 0, p = Phi(0; loc, scale)),
-  Benjamini-Hochberg corrected over objects."""
-  pvals = special.ndtr(-np.asarray(loc, np.float64) / np.asarray(scale, np.float64))  # (m, d)
+  Benjamini-Hochberg corrected over objects. A point estimate (scale 0, SPoSE) counts its positive entries."""
+  loc, scale = np.asarray(loc, np.float64), np.asarray(scale, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    pvals = np.where(scale > 0, special.ndtr(-loc / np.where(scale > 0, scale, 1.0)), (loc <= 0).astype(np.float64))
   return bh_reject(pvals.T, alpha).sum(-1)
 
 
@@ -246,6 +279,12 @@ def nll(probs: np.ndarray, pair: int = 0) -> float:
 # Training.
 
 
+def _posterior(params: dict[str, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+  """(loc, scale) as numpy; a SPoSE point embedding has scale 0."""
+  loc = np.asarray(params["loc"])
+  return loc, (np.exp(np.asarray(params["log_scale"])) if "log_scale" in params else np.zeros_like(loc))
+
+
 def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         val_triplets: np.ndarray | None = None) -> ViceResult:
@@ -270,7 +309,9 @@ def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
     raise ValueError(f"The spike weight pi must lie in (0, 1), got {cfg.pi}.")
   if cfg.prune not in PRUNE_MODES:
     raise ValueError(f"prune must be one of {PRUNE_MODES}, got {cfg.prune!r}.")
-  params = init_params(n_objects, cfg.dims, cfg.seed)
+  if cfg.model not in MODELS:
+    raise ValueError(f"model must be one of {MODELS}, got {cfg.model!r}.")
+  params = init_params(n_objects, cfg.dims, cfg.seed, cfg.model)
   optimizer = optax.adam(cfg.lr)
   opt_state = optimizer.init(params)
   data = jnp.asarray(triplets)
@@ -280,13 +321,14 @@ def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
   dims_history: list[int] = []
   best: tuple[float, Any] = (float("inf"), None)
   is_converged = False
-  epoch = 0
+  epoch = since_best = 0
   for epoch in range(1, cfg.epochs + 1):
     rows, weights = _epoch_batches(len(triplets), cfg.batch_size, rng)
     params, opt_state, metrics = _train_epoch(
         params, opt_state, jax.random.fold_in(key, epoch), data[rows], jnp.asarray(weights),
-        optimizer=optimizer, n_train=len(triplets), pi=cfg.pi, spike=cfg.spike, slab=cfg.slab)
-    loc, scale = np.asarray(params["loc"]), np.exp(np.asarray(params["log_scale"]))
+        optimizer=optimizer, n_train=len(triplets), pi=cfg.pi, spike=cfg.spike, slab=cfg.slab, model=cfg.model,
+        lmbda=cfg.lmbda)
+    loc, scale = _posterior(params)
     dims_history.append(int((dimension_importance(loc, scale, cfg.alpha) > cfg.k).sum()))
     full = weights.sum(1) == cfg.batch_size  # Epoch means over full batches (the padded one is smaller).
     record = {"epoch": epoch, "dims": dims_history[-1],
@@ -296,23 +338,32 @@ def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
       raise FloatingPointError(f"VICE loss became {record['loss']} in epoch {epoch}; lower lr (now {cfg.lr}).")
     if val_triplets is not None and len(val_triplets) and (epoch % max(cfg.eval_every, 1) == 0
                                                            or epoch == cfg.epochs):
-      p = posterior_predictive(loc, scale, val_triplets, cfg.val_samples, cfg.seed)
+      p = posterior_predictive(loc, scale, val_triplets, 1 if cfg.model == "spose" else cfg.val_samples, cfg.seed)
       record["val_accuracy"], record["val_nll"] = accuracy(p), nll(p)
       if record["val_nll"] < best[0]:
-        best = (record["val_nll"], (params, epoch))
+        best, since_best = (record["val_nll"], (params, epoch)), 0
+      else:
+        since_best += 1
     history.append(record)
     if on_epoch is not None:
       on_epoch(record)
+    if cfg.patience and since_best >= cfg.patience:
+      break
     if epoch > cfg.burnin and converged(dims_history, cfg.ws):
       is_converged = True
       break
   best_epoch = None
   if cfg.keep_best and best[1] is not None:
     params, best_epoch = best[1]
-  loc, scale = np.asarray(params["loc"]), np.exp(np.asarray(params["log_scale"]))
+  loc, scale = _posterior(params)
   significant = kept_dimensions(loc, scale, cfg.alpha, cfg.k)
   prune = cfg.prune == "always" or (cfg.prune == "converged" and is_converged)
   kept = significant if prune and len(significant) else np.argsort(-np.abs(loc).sum(0), kind="stable")
+  if cfg.model == "spose":  # Lossless: drop only the dimensions the L1 penalty zeroed for every object.
+    if not (loc > 0).any():
+      raise ValueError(f"SPoSE collapsed: the L1 penalty drove every weight to 0 (lmbda {cfg.lmbda}, lr {cfg.lr}); "
+                       "lower lmbda.")
+    kept = kept[(loc[:, kept] > 0).any(0)]
   return ViceResult(loc=loc[:, kept].astype(np.float32), scale=scale[:, kept].astype(np.float32), kept=kept,
                     epochs=epoch, converged=is_converged, history=history, best_epoch=best_epoch,
                     dims_significant=len(significant))

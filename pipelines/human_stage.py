@@ -1,40 +1,80 @@
-"""Stage `human`: fit VICE to human odd-one-out choices and write the soft labels p* the align stage distils.
+"""Stage `human`: fit a model of human odd-one-out choices and write the soft labels p* the align stage distils.
 
 Inputs: a demo world artifact (`world`, its THINGS-like `things_train`/`things_test`), or triplet files
-(`train`, `test`; THINGS convention, see `alignet_data.things`). Outputs: `vice.npz` (loc, scale: the pruned,
-sorted posterior; kept: their indices in the initial dimensions), `soft_labels.npz` (train/test triplets as
-stored and their posterior predictive p* in the pair order [s01, s02, s12]), `history.json` (per epoch) and the
-report (test accuracy and NLL of p* against the human choices).
+(`train`, `test`; THINGS convention, see `alignet_data.things`; `sortindex` + `upload_order` convert files in the
+original upload order). Every training triplet whose object set occurs in the test set is dropped first.
+Models: `vice` (default; the Bayesian model whose posterior predictive gives p*), `spose` (its non-Bayesian
+baseline, trained by the same loop), or a fixed `embedding` (e.g. the published SPoSE) with a fitted softmax
+temperature. Outputs: `vice.npz` (loc, scale: the pruned, sorted posterior; kept: their indices in the initial
+dimensions) or `embedding.npz` (the embedding and beta), `soft_labels.npz` (train/test triplets as stored and
+their p* in the pair order [s01, s02, s12]), `history.json` (per epoch) and the report (test accuracy and NLL of
+p* against the human choices, dimensions kept, epochs, seconds, the settings in effect).
+
+Real data (issue 3): `alignet human --train ../shared/data/things/triplets_127k_subjects.txt
+--test ../shared/data/things/triplets_50k.txt --out DIR` (add `--model spose`, or `--embedding spose49.npy`).
 """
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, things, vice
+from alignet_data import artifacts, spose, things, vice
 
 STAGE = "human"
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run"]
 
-MODELS = ("vice",)
+MODELS = ("vice", "spose")
+
+# Training settings left at None in the config are filled from a profile: `demo` for a world artifact (80-ish
+# objects, 20k triplets: seconds), `files` for triplet files (the real THINGS data: 1,854 objects, ~125k
+# triplets). The `files` values were chosen on a 5% validation split of the 127k THINGS triplets (issue 3): batch
+# 1024 with lr 8e-3 reaches a lower validation NLL than batch 512 / 4e-3 (0.900 vs 0.905 at 60-75 epochs) and
+# runs ~1.5-2.5 s an epoch on 2 shared cores, several times faster than VICE's 128 / 1e-3 per unit of progress;
+# keeping the epoch with the best validation NLL, with patience, stops once it plateaus (THINGS: best epoch 90,
+# stopped at 105, ~4 min; test accuracy 0.585, NLL 0.904). SPoSE (same loop, no prior) overfits 125k triplets
+# within ~10 epochs, so it is scored every epoch and keeps its best one (its only regulariser besides L1).
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "demo": {
+        "vice": {"dims": 100, "epochs": 25, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.0, "keep_best": False,
+                 "patience": 0, "eval_every": 1},
+        "spose": {"dims": 100, "epochs": 25, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.1, "keep_best": True,
+                  "patience": 0, "eval_every": 1},
+    },
+    "files": {
+        "vice": {"dims": 100, "epochs": 150, "batch_size": 1024, "lr": 8e-3, "val_fraction": 0.05,
+                 "keep_best": True, "patience": 3, "eval_every": 5},
+        "spose": {"dims": 100, "epochs": 100, "batch_size": 1024, "lr": 8e-3, "val_fraction": 0.05,
+                  "keep_best": True, "patience": 5, "eval_every": 1},
+    },
+}
+_PROFILE_KEYS = ("dims", "epochs", "batch_size", "lr", "val_fraction", "keep_best", "patience", "eval_every")
+UPLOAD_ORDER_NAMES = ("train", "test", "embedding")
 
 
 def default_config() -> dict[str, Any]:
-  """Defaults fit the demo world (80 objects, 20k triplets: ~8 s of CPU). For the 1,854 THINGS objects use
-  more epochs (VICE trains up to 2,000 with burn-in 500 and ws 200; see issue 3)."""
+  """Every field; training settings at None take the profile's value (PROFILES: `demo` for a world, `files` for
+  triplet files), so the real-data command needs no tuning flags and the demo chain stays fast."""
   return {
       "world": None,          # URL of a `world` artifact (uses things_train / things_test) ...
       "train": None,          # ... or triplet files (.npy or text, N x 3 or N x 4 with subject ids).
       "test": None,
       "n_objects": None,      # With files: number of objects (None: max index + 1 over both files).
-      "model": "vice",
-      "dims": 100,
-      "epochs": 25,
-      "batch_size": 128,
-      "lr": 1e-3,
+      "sortindex": None,      # THINGS sortindex file, for inputs in the original upload order (see upload_order).
+      "upload_order": [],     # Which of train, test, embedding are in upload order (converted with sortindex).
+      "model": "vice",        # vice | spose: the model trained on the training triplets ...
+      "embedding": None,      # ... or a fixed (n_objects, d) human embedding with a fitted softmax temperature.
+      "dims": None,           # Initial dimensionality.
+      "epochs": None,         # Maximum epochs.
+      "batch_size": None,
+      "lr": None,             # Adam learning rate.
+      "val_fraction": None,   # Share of training triplets held out (by object set) to monitor the val NLL.
+      "keep_best": None,      # With a validation split: keep the epoch with the best val NLL.
+      "patience": None,       # With a validation split: stop after this many scorings without improvement (0: off).
+      "eval_every": None,     # Score the validation split every this many epochs.
       "mc_samples": 50,       # R: posterior samples averaged (as probabilities) into p*.
       "pi": 0.5,
       "spike": 0.25,
@@ -44,8 +84,7 @@ def default_config() -> dict[str, Any]:
       "burnin": 500,
       "ws": 200,
       "prune": "converged",   # converged | always | never (see vice.ViceConfig.prune).
-      "val_fraction": 0.0,    # > 0: hold out this share of training triplets (by object set) to monitor val NLL.
-      "keep_best": False,     # With val_fraction > 0: keep the epoch with the best val NLL.
+      "lmbda": 0.008,         # SPoSE's L1 weight (per object).
       "seed": 0,
   }
 
@@ -55,8 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--train", help="Training triplet file (.npy or text; i j odd [subject]; 0-based).")
   parser.add_argument("--test", help="Test triplet file (same format).")
   parser.add_argument("--n-objects", type=int, help="Number of objects (default: inferred from the files).")
-  parser.add_argument("--model", choices=MODELS, help="Human model.")
-  parser.add_argument("--dims", type=int, help="Initial VICE dimensionality.")
+  parser.add_argument("--sortindex", help="THINGS sortindex file, to convert inputs given in upload order.")
+  parser.add_argument("--upload-order", type=lambda v: [x for x in v.split(",") if x],
+                      help=f"Comma-separated inputs in upload order, of {','.join(UPLOAD_ORDER_NAMES)}.")
+  parser.add_argument("--model", choices=MODELS, help="Human model to train (default vice).")
+  parser.add_argument("--embedding", help="Fixed human embedding (.npy or text, n_objects x d) instead of training.")
+  parser.add_argument("--dims", type=int, help="Initial dimensionality.")
   parser.add_argument("--epochs", type=int, help="Maximum training epochs.")
   parser.add_argument("--batch-size", type=int, help="Triplets per step.")
   parser.add_argument("--lr", type=float, help="Adam learning rate.")
@@ -65,7 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--ws", type=int, help="Window of stable dimensionality that counts as converged.")
   parser.add_argument("--prune", choices=vice.PRUNE_MODES, help="When to drop dimensions that fail the BH test.")
   parser.add_argument("--val-fraction", type=float, help="Share of training triplets held out for validation.")
-  parser.add_argument("--keep-best", action="store_true", default=None, help="Keep the best-validation epoch.")
+  parser.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
+                      help="Keep the best-validation epoch.")
+  parser.add_argument("--patience", type=int, help="Stop after this many validation scorings without improvement.")
+  parser.add_argument("--eval-every", type=int, help="Score the validation split every this many epochs.")
+  parser.add_argument("--lmbda", type=float, help="SPoSE L1 weight.")
   parser.add_argument("--seed", type=int, help="Seed of initialisation, batches and posterior samples.")
 
 
@@ -78,14 +125,29 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
   return config
 
 
+def settings(config: dict[str, Any]) -> dict[str, Any]:
+  """The training settings in effect: the config's, with None filled from the profile of the input kind."""
+  profile = PROFILES["demo" if config.get("world") else "files"][config["model"]]
+  return {k: profile[k] if config.get(k) is None else config[k] for k in _PROFILE_KEYS}
+
+
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
-  if config.get("world"):
-    return {"world": config["world"]}
-  return {name: config[name] for name in ("train", "test") if config.get(name)}
+  names = ("world",) if config.get("world") else ("train", "test")
+  return {name: config[name] for name in (*names, "embedding", "sortindex") if config.get(name)}
+
+
+def _check_upload_order(config: dict[str, Any]) -> list[str]:
+  order = list(config.get("upload_order") or [])
+  unknown = sorted(set(order) - set(UPLOAD_ORDER_NAMES))
+  if unknown:
+    raise ValueError(f"upload_order names {unknown}; it lists some of {', '.join(UPLOAD_ORDER_NAMES)}.")
+  if order and not config.get("sortindex"):
+    raise ValueError(f"upload_order {order} needs the THINGS sortindex file: pass --sortindex FILE.")
+  return order
 
 
 def load_triplets(config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int, Any]:
-  """(train, test, n_objects, world or None) from the configured source."""
+  """(train, test, n_objects, world or None) from the configured source, in canonical object order."""
   if config.get("world"):
     if config.get("train") or config.get("test"):
       raise ValueError("Give either `world` or `train`/`test` triplet files, not both.")
@@ -98,18 +160,36 @@ def load_triplets(config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int, 
   if not (config.get("train") and config.get("test")):
     raise ValueError("The human stage needs `world` (a world artifact URL) or both `train` and `test` triplet "
                      "files (--train FILE --test FILE).")
+  order = _check_upload_order(config)
   n = config.get("n_objects")
   train = things.load_triplets(config["train"], n)
   test = things.load_triplets(config["test"], n)
   if n is None:
     n = int(max(train.max(), test.max())) + 1
+  if order:
+    sortindex = things.load_sortindex(config["sortindex"])
+    if n > len(sortindex):
+      raise ValueError(f"Triplets index {n} objects but the sortindex has {len(sortindex)} entries.")
+    n = len(sortindex)
+    train = things.upload_to_canonical(train, sortindex) if "train" in order else train
+    test = things.upload_to_canonical(test, sortindex) if "test" in order else test
   return train, test, n, None
 
 
-def _vice_config(config: dict[str, Any]) -> vice.ViceConfig:
-  keys = ("dims", "epochs", "batch_size", "lr", "pi", "spike", "slab", "alpha", "k", "burnin", "ws", "prune",
-          "keep_best", "seed")
-  return vice.ViceConfig(**{k: config[k] for k in keys})
+def _load_embedding(config: dict[str, Any], n_objects: int) -> np.ndarray:
+  emb = spose.load_embedding(config["embedding"])
+  if "embedding" in _check_upload_order(config):
+    emb = things.embedding_to_canonical(emb, things.load_sortindex(config["sortindex"]))
+  if len(emb) < n_objects or (config.get("n_objects") and len(emb) != config["n_objects"]):
+    raise ValueError(f"{config['embedding']}: has {len(emb)} rows but the triplets index "
+                     f"{config.get('n_objects') or n_objects} objects; give one row per object.")
+  return emb
+
+
+def _vice_config(config: dict[str, Any], run_settings: dict[str, Any]) -> vice.ViceConfig:
+  keys = ("pi", "spike", "slab", "alpha", "k", "burnin", "ws", "prune", "lmbda", "seed", "model")
+  fit_keys = ("dims", "epochs", "batch_size", "lr", "keep_best", "patience", "eval_every")
+  return vice.ViceConfig(**{k: config[k] for k in keys}, **{k: run_settings[k] for k in fit_keys})
 
 
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -117,59 +197,62 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
 
   if config["model"] not in MODELS:
     raise ValueError(f"Unknown human model {config['model']!r}; available: {MODELS}.")
+  start = time.perf_counter()
   train, test, n_objects, world = load_triplets(config)
   train, dropped = things.drop_overlap(train, test)
   if len(train) == 0:
     raise ValueError("Every training triplet also occurs in the test set: nothing left to train on.")
-  fit_rows, val_rows = np.arange(len(train)), None
-  if config["val_fraction"] and config["val_fraction"] > 0:
-    fit_rows, val_rows = things.split_train_test(train, config["val_fraction"], config["seed"])
-  cfg = _vice_config(config)
+  report: dict[str, Any] = {"n_objects": n_objects, "train_triplets": len(train), "test_triplets": len(test),
+                            "dropped_overlap": dropped}
+  if config.get("embedding"):
+    # A fixed embedding: only the softmax temperature is fitted (on all training triplets).
+    emb = _load_embedding(config, n_objects)
+    n_objects = len(emb)
+    beta = spose.fit_temperature(emb, train)
+    train_probs, test_probs = spose.predict(emb, train, beta), spose.predict(emb, test, beta)
+    writer.write_npz("embedding.npz", embedding=emb.astype(np.float32), beta=np.float64(beta))
+    report.update(model="embedding", n_objects=n_objects, beta=beta, temperature=1.0 / beta,
+                  dims_kept=int(emb.shape[1]), epochs=0)
+  else:
+    run_settings = settings(config)
+    fit_rows, val_rows = np.arange(len(train)), None
+    if run_settings["val_fraction"] and run_settings["val_fraction"] > 0:
+      fit_rows, val_rows = things.split_train_test(train, run_settings["val_fraction"], config["seed"])
+    cfg = _vice_config(config, run_settings)
+    bar = tqdm(total=cfg.epochs, desc=f"human/{cfg.model}", unit="epoch", leave=False)
 
-  bar = tqdm(total=cfg.epochs, desc="human/vice", unit="epoch", leave=False)
+    def on_epoch(r: dict[str, Any]) -> None:
+      post = {"loss": f"{r['loss']:.3f}", "acc": f"{r['accuracy']:.3f}", "dims": r["dims"]}
+      if "val_accuracy" in r:
+        post["val_acc"] = f"{r['val_accuracy']:.3f}"
+      bar.set_postfix(post, refresh=False)
+      bar.update(1)
 
-  def on_epoch(r: dict[str, Any]) -> None:
-    post = {"loss": f"{r['loss']:.3f}", "acc": f"{r['accuracy']:.3f}", "dims": r["dims"]}
-    if "val_accuracy" in r:
-      post["val_acc"] = f"{r['val_accuracy']:.3f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)
-
-  try:
-    result = vice.fit(train[fit_rows], n_objects, cfg, on_epoch,
-                      val_triplets=None if val_rows is None else train[val_rows])
-  finally:
-    bar.close()
-
-  train_probs = vice.posterior_predictive(result.loc, result.scale, train, config["mc_samples"], config["seed"])
-  test_probs = vice.posterior_predictive(result.loc, result.scale, test, config["mc_samples"], config["seed"])
-  writer.write_npz("vice.npz", loc=result.loc, scale=result.scale, kept=result.kept.astype(np.int64))
+    try:
+      result = vice.fit(train[fit_rows], n_objects, cfg, on_epoch,
+                        val_triplets=None if val_rows is None else train[val_rows])
+    finally:
+      bar.close()
+    samples = 1 if cfg.model == "spose" else config["mc_samples"]  # A point estimate: every sample is the same.
+    train_probs = vice.posterior_predictive(result.loc, result.scale, train, samples, config["seed"])
+    test_probs = vice.posterior_predictive(result.loc, result.scale, test, samples, config["seed"])
+    writer.write_npz("vice.npz", loc=result.loc, scale=result.scale, kept=result.kept.astype(np.int64))
+    writer.write_json("history.json", result.history)
+    report.update(model=cfg.model, settings=run_settings, dims_kept=int(result.loc.shape[1]),
+                  dims_significant=result.dims_significant, epochs=result.epochs, converged=result.converged)
+    if val_rows is not None:
+      report["fit_triplets"] = len(fit_rows)
+      report["val_triplets"] = len(val_rows)
+      report["val_accuracy"] = vice.accuracy(train_probs[val_rows])
+      report["val_nll"] = vice.nll(train_probs[val_rows])
+    if result.best_epoch is not None:
+      report["best_epoch"] = result.best_epoch
   writer.write_npz("soft_labels.npz", train_triplets=train, train_probs=train_probs, test_triplets=test,
                    test_probs=test_probs)
-  writer.write_json("history.json", result.history)
   writer.set_rows("train_triplets", len(train))
   writer.set_rows("test_triplets", len(test))
-
-  report: dict[str, Any] = {
-      "model": config["model"],
-      "n_objects": n_objects,
-      "train_triplets": len(train),
-      "test_triplets": len(test),
-      "dropped_overlap": dropped,
-      "test_accuracy": vice.accuracy(test_probs),
-      "test_nll": vice.nll(test_probs),
-      "train_accuracy": vice.accuracy(train_probs),
-      "dims_kept": int(result.loc.shape[1]),
-      "dims_significant": result.dims_significant,
-      "epochs": result.epochs,
-      "converged": result.converged,
-  }
-  if val_rows is not None:
-    report["val_triplets"] = len(val_rows)
-    report["val_accuracy"] = vice.accuracy(train_probs[val_rows])
-    report["val_nll"] = vice.nll(train_probs[val_rows])
-  if result.best_epoch is not None:
-    report["best_epoch"] = result.best_epoch
+  report.update(test_accuracy=vice.accuracy(test_probs), test_nll=vice.nll(test_probs),
+                train_accuracy=vice.accuracy(train_probs))
   if world is not None:
     # The simulation's own choice probabilities: the ceiling any model of these humans can reach.
     from alignet_data import triplet_math
@@ -177,4 +260,5 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
     report["simulation_test_accuracy"] = vice.accuracy(true_p)
     report["simulation_test_nll"] = vice.nll(true_p)
     report["test_kl_to_simulation"] = float(triplet_math.kl_divergence(true_p, test_probs).mean())
+  report["seconds"] = round(time.perf_counter() - start, 1)
   return report

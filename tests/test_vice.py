@@ -122,3 +122,43 @@ def test_posterior_predictive_is_a_reproducible_distribution():
 def test_accuracy_counts_ties_wrong():
   p = np.array([[0.5, 0.3, 0.2], [0.4, 0.4, 0.2], [0.2, 0.5, 0.3], [1 / 3, 1 / 3, 1 / 3]])
   assert vice.accuracy(p) == 0.25
+
+
+def test_spose_model_trained_by_the_same_loop():
+  triplets, true_p = _planted()
+  train, test = triplets[:3200], triplets[3200:]
+  seen = []
+  res = vice.fit(train, 30, vice.ViceConfig(model="spose", dims=10, epochs=15, lr=5e-3, lmbda=0.005),
+                 on_epoch=seen.append)
+  assert res.epochs == 15 and seen[-1]["nll"] < seen[0]["nll"]
+  # A point embedding: non-negative, no posterior spread, so p* is the plain softmax of its dot products.
+  assert np.all(res.loc >= 0) and np.all(res.scale == 0) and 1 <= res.loc.shape[1] <= 10
+  p = vice.posterior_predictive(res.loc, res.scale, test, 5, seed=0)
+  expected = triplet_math.pair_probabilities(triplet_math.triplet_similarities(res.loc, test))
+  np.testing.assert_allclose(p, expected, atol=1e-5)
+  assert vice.accuracy(p) > 0.5 and vice.accuracy(p) > vice.accuracy(true_p[3200:]) - 0.08
+  with pytest.raises(ValueError, match="model"):
+    vice.fit(train, 30, vice.ViceConfig(model="nope"))
+  with pytest.raises(ValueError, match="lower lmbda"):  # A penalty that zeroes every weight is an error, not p* = 1/3.
+    vice.fit(train[:500], 30, vice.ViceConfig(model="spose", dims=4, epochs=3, lr=5e-2, lmbda=10.0))
+
+
+def test_point_estimates_count_positive_entries():
+  loc = np.zeros((20, 3))
+  loc[:8, 0] = 0.5
+  loc[:3, 1] = 0.2
+  np.testing.assert_array_equal(vice.dimension_importance(loc, np.zeros_like(loc)), [8, 3, 0])
+
+
+def test_patience_stops_and_keep_best_returns_the_best_epoch():
+  triplets, _ = _planted(n_triplets=2000)
+  train, val = triplets[:1600], triplets[1600:]
+  # SPoSE with no penalty and a large step overfits 1,600 triplets quickly: the val NLL turns up and stops it.
+  cfg = vice.ViceConfig(model="spose", dims=30, epochs=200, lr=5e-2, lmbda=0.0, keep_best=True, patience=3)
+  seen = []
+  res = vice.fit(train, 30, cfg, on_epoch=seen.append, val_triplets=val)
+  assert res.epochs < 200 and res.epochs == res.best_epoch + 3
+  val_nll = [r["val_nll"] for r in seen]
+  assert res.best_epoch == 1 + int(np.argmin(val_nll))
+  p = vice.posterior_predictive(res.loc, res.scale, val, 1)
+  assert abs(vice.nll(p) - min(val_nll)) < 1e-4
