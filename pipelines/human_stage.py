@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data import artifacts, spose, things, vice
+from pipelines import stages
 
 STAGE = "human"
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run"]
@@ -117,12 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-  config = default_config()
-  for key in config:
-    value = getattr(args, key, None)
-    if value is not None:
-      config[key] = value
-  return config
+  return stages.apply_flags(default_config(), args)
 
 
 def settings(config: dict[str, Any]) -> dict[str, Any]:
