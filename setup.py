@@ -10,7 +10,11 @@ setuptools.setup(
     description="Staged, offline data pipeline and JAX trainer for AligNet (Muttenthaler et al., Nature 2025).",
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["alignet_data*", "pipelines*", "trainer*", "schemas*"]),
-    package_data={"schemas": ["*.json"], "trainer": ["configs/*.json"], "alignet_data": ["checkpoints/*.npz", "checkpoints/*.json"]},
+    package_data={
+        "schemas": ["*.json"],
+        "trainer": ["configs/*.json"],
+        "alignet_data": ["checkpoints/*.npz", "checkpoints/*.json"],
+    },
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "tensorflow>=2.21,<2.22",
@@ -34,6 +38,11 @@ setuptools.setup(
         "pillow",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "ruff"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "ruff"],
+        # The SigLIP parity test compares our Flax model with transformers' PyTorch one. torch itself is installed
+        # by pip from its CPU wheel (see .ci/run): resolving it here would pull a multi-GB CUDA build.
+        "parity": ["transformers==5.24.0", "safetensors==0.8.0", "sympy", "networkx", "jinja2", "filelock"],
+    },
     entry_points={"console_scripts": ["alignet=pipelines.cli:main"]},
 )

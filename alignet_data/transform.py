@@ -8,10 +8,14 @@ the whole THINGS feature matrix (as gLocal does), never per dimension.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from alignet_data import artifacts
+
+if TYPE_CHECKING:
+  from alignet_data.embeddings import Embeddings
 
 FILE_NAME = "transform.npz"
 
@@ -71,3 +75,22 @@ class Transform:
     fs, path = artifacts.url_to_fs(source)
     with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
       return cls.from_arrays({k: data[k] for k in data.files})
+
+
+def apply_to_embeddings(embeddings_source: str | artifacts.Artifact, split: str,
+                        transform: Transform | str | artifacts.Artifact | None) -> Embeddings:
+  """One split of an embed artifact with its vectors mapped by a transform (None: unchanged), as an
+  `embeddings.Embeddings` (same ids, labels and file names). What `cluster` and `triplets` label with.
+
+  Args:
+    embeddings_source: embed artifact (or its URL).
+    split: the split to read (e.g. "pool").
+    transform: a Transform, an align artifact / its URL, or a transform .npz URL (gLocal's files load too).
+  """
+  from alignet_data import embeddings  # pyarrow: only for callers that read embeddings.
+
+  emb = embeddings.load(embeddings_source, split)
+  if transform is None:
+    return emb
+  t = transform if isinstance(transform, Transform) else Transform.load(transform)
+  return dataclasses.replace(emb, vectors=t.apply(emb.vectors))

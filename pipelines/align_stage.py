@@ -15,17 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import alignment, artifacts, things
+from alignet_data import alignment, artifacts, object_features, things
 
 STAGE = "align"
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "load_features"]
 
 
 def default_config() -> dict[str, Any]:
-  """Defaults are gLocal's (lambda grid 1e3..1e-5, 3 object folds, Adam 1e-3, clipping 1.0, patience 10)."""
+  """gLocal's lambda grid (1e3..1e-5), 3 object folds, Adam 1e-3 with clipping 1.0; full-batch steps with early
+  stopping (patience 20) instead of gLocal's minibatch epochs: the same objective, minutes instead of hours on CPU."""
   return {
       "features": None,          # Embed artifact URL, or an .npy (n_objects, p) file in object order.
       "features_split": "things",
+      "unique_ids": None,        # With an embed artifact: THINGS unique_id.txt -> rows by uniqueID (file names) ...
+      "object_reduce": "first",  # ... from each object's first image (THINGS' _01b) or the mean of its images.
       "human": None,             # Human artifact URL (triplets + soft labels) ...
       "train": None,             # ... or triplet files (hard labels only).
       "test": None,
@@ -35,10 +38,10 @@ def default_config() -> dict[str, Any]:
       "folds": 3,
       "select_by": "loss",
       "lr": 1e-3,
-      "batch_size": 256,
-      "max_epochs": 100,
+      "batch_size": 0,           # <= 0: full-batch Adam (fast on CPU: the cost is the objects' Gram matrix).
+      "max_epochs": 500,
       "min_epochs": 5,
-      "patience": 10,
+      "patience": 20,
       "clip_norm": 1.0,
       "val_fraction": 0.1,
       "init_scale": 1e-3,
@@ -51,6 +54,10 @@ def default_config() -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--features", help="Embed artifact URL or .npy (n_objects, p) of teacher features.")
   parser.add_argument("--features-split", help="Split of the embed artifact holding the THINGS objects.")
+  parser.add_argument("--unique-ids", help="THINGS unique_id.txt: read the embed artifact by uniqueID (its file "
+                      "names) in this order, instead of by id.")
+  parser.add_argument("--object-reduce", choices=object_features.REDUCTIONS,
+                      help="With --unique-ids: an object's first image (by file name) or the mean of its images.")
   parser.add_argument("--human", help="Human artifact URL (triplets and soft labels p*).")
   parser.add_argument("--train", help="Training triplet file (instead of --human; hard labels).")
   parser.add_argument("--test", help="Test triplet file (instead of --human).")
@@ -60,9 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--folds", type=int, help="Object folds for cross-validation.")
   parser.add_argument("--select-by", choices=("loss", "accuracy"), help="CV criterion for lambda.")
   parser.add_argument("--lr", type=float, help="Adam learning rate.")
-  parser.add_argument("--batch-size", type=int, help="Triplets per step.")
+  parser.add_argument("--batch-size", type=int, help="Triplets per Adam step (0: full batch, the default).")
   parser.add_argument("--max-epochs", type=int, help="Maximum epochs per fit.")
+  parser.add_argument("--min-epochs", type=int, help="No early stop before this many epochs.")
   parser.add_argument("--patience", type=int, help="Early-stopping patience in epochs.")
+  parser.add_argument("--val-fraction", type=float, help="Share of training triplets held out for early stopping.")
   parser.add_argument("--seed", type=int, help="Seed of folds, splits and batches.")
 
 
@@ -76,12 +85,16 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
-  return {name: config[name] for name in ("features", "human", "train", "test") if config.get(name)}
+  return {name: config[name] for name in ("features", "unique_ids", "human", "train", "test") if config.get(name)}
 
 
-def load_features(url: str, split: str = "things") -> np.ndarray:
-  """(n_objects, p) float32 features in object order from an .npy file or an embed artifact split."""
+def load_features(url: str, split: str = "things", unique_ids: str | None = None,
+                  reduce: str = "first") -> np.ndarray:
+  """(n_objects, p) float32 features in object order: an .npy file, or an embed artifact split read by id (row i
+  = id i) or, given a uniqueID list (THINGS unique_id.txt), by the uniqueID its file names carry."""
   if url.endswith(".npy"):
+    if unique_ids:
+      raise ValueError(f"{url}: an .npy is already in object order; --unique-ids applies to embed artifacts only.")
     fs, path = artifacts.url_to_fs(url)
     with fs.open(path, "rb") as f:
       x = np.load(io.BytesIO(f.read()), allow_pickle=False)
@@ -93,8 +106,12 @@ def load_features(url: str, split: str = "things") -> np.ndarray:
     emb = embeddings.load(art, split)
     if len(emb) == 0:
       raise ValueError(f"{url}: split {split!r} has no embeddings.")
-    n = int(embeddings.info(art)["splits"][split].get("num_ids", int(emb.ids.max()) + 1))
-    x = emb.take(np.arange(n))  # KeyError names any object whose image failed to embed.
+    if unique_ids:
+      x = object_features.features_by_unique_id(emb.file_names, emb.vectors,
+                                                object_features.read_unique_ids(unique_ids), reduce)
+    else:
+      n = int(embeddings.info(art)["splits"][split].get("num_ids", int(emb.ids.max()) + 1))
+      x = emb.take(np.arange(n))  # KeyError names any object whose image failed to embed.
   if not np.all(np.isfinite(x)):
     raise ValueError(f"{url}: features contain NaN or inf.")
   return np.asarray(x, np.float32)
@@ -125,13 +142,17 @@ def _align_config(config: dict[str, Any]) -> alignment.AlignConfig:
   return alignment.AlignConfig(lambdas=tuple(float(v) for v in config["lambdas"]), **{k: config[k] for k in keys})
 
 
-def _plot_cv(cv: list[dict[str, Any]], chosen: float, f: Any) -> None:
+def _plot_cv(cv: list[dict[str, Any]], chosen: float, loss: str, f: Any) -> None:
+  """Mean held-out accuracy (and each fold's, faint) and loss per lambda; the chosen lambda dashed."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
   lams = [r["lambda"] for r in cv]
-  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+  fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+  for r in cv:
+    folds = r.get("folds", [])
+    ax.plot([r["lambda"]] * len(folds), [x["accuracy"] for x in folds], ".", color="C0", alpha=0.35)
   ax.plot(lams, [r["accuracy"] for r in cv], "o-", color="C0")
   ax.set_xscale("log")
   ax.set_xlabel("lambda")
@@ -139,8 +160,8 @@ def _plot_cv(cv: list[dict[str, Any]], chosen: float, f: Any) -> None:
   ax.axvline(chosen, color="grey", ls="--", lw=1)
   ax2 = ax.twinx()
   ax2.plot(lams, [r["loss"] for r in cv], "s-", color="C1")
-  ax2.set_ylabel("held-out loss", color="C1")
-  ax.set_title("align: object-fold cross-validation")
+  ax2.set_ylabel(f"held-out {loss} loss", color="C1")
+  ax.set_title(f"align ({loss} loss): object-fold CV, lambda = {chosen:g}")
   fig.tight_layout()
   fig.savefig(f, format="png", metadata={"Software": None})  # No version string: same curve, same bytes.
   plt.close(fig)
@@ -151,7 +172,8 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
 
   if not config.get("features"):
     raise ValueError("The align stage needs `features`: an embed artifact URL or an .npy of teacher features.")
-  features = load_features(config["features"], config["features_split"])
+  features = load_features(config["features"], config["features_split"], config.get("unique_ids"),
+                           config.get("object_reduce", "first"))
   human = _human_side(config, features.shape[0])
   cfg = _align_config(config)
   if cfg.loss == "soft" and human["train_probs"] is None:
@@ -180,7 +202,7 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   writer.write_json("cv.json", info["cv"])
   if len(cv) > 1:
     with writer.open("cv.png", "wb") as f:
-      _plot_cv(cv, info["lambda"], f)
+      _plot_cv(info["cv"], info["lambda"], cfg.loss, f)
   report: dict[str, Any] = {
       "accuracy_before": before["accuracy"],
       "accuracy_after": after["accuracy"],

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignet_data import alignment, triplet_math
+from alignet_data import alignment, things, triplet_math
 
 
 def test_hard_soft_and_kl_losses_by_hand():
@@ -56,15 +56,28 @@ def test_objective_gradient_matches_finite_differences():
     np.testing.assert_allclose(float(grads[name][idx]), numeric, rtol=2e-2, atol=2e-3)
 
 
-def test_triplet_logits_batch_and_full_paths_agree():
+def test_triplet_logits_batch_and_gram_paths_agree():
   rng = np.random.default_rng(0)
   params = {"weights": jnp.asarray(rng.normal(size=(5, 5)), jnp.float32), "bias": jnp.ones(5)}
   x = jnp.asarray(rng.normal(size=(40, 5)), jnp.float32)
-  few = jnp.asarray([[0, 1, 2], [5, 39, 7]])  # 40 objects > 3 * 2 rows: transforms only the batch.
-  many = jnp.tile(few, (10, 1))               # 40 <= 60: transforms all objects, then gathers.
+  few = jnp.asarray([[0, 1, 2], [5, 39, 7]])  # 2 rows: transforms only the batch's rows.
+  many = jnp.tile(few, (100, 1))              # 200 rows: all 40 objects' Gram matrix, then gathers.
+  assert not alignment.uses_gram(40, 5, 2) and alignment.uses_gram(40, 5, 200)
   expected = triplet_math.triplet_similarities(np.asarray(x) @ np.asarray(params["weights"]) + 1.0, np.asarray(few))
   np.testing.assert_allclose(alignment.triplet_logits(params, x, few), expected, rtol=1e-4)
   np.testing.assert_allclose(alignment.triplet_logits(params, x, many)[:2], expected, rtol=1e-4)
+  # Gradients agree too (the Gram path scatters scalars, the batch path rows).
+  f = lambda p, t: jnp.sum(alignment.triplet_logits(p, x, t)[:2] * jnp.asarray([[1.0, -2.0, 0.5]]))
+  np.testing.assert_allclose(jax.grad(f)(params, few)["weights"], jax.grad(f)(params, many)["weights"], rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_used_objects_reindexes_triplets():
+  x = np.arange(12.0).reshape(6, 2)
+  t = np.array([[5, 1, 3], [3, 1, 5]])
+  sub, t2 = alignment.used_objects(x, t)
+  np.testing.assert_array_equal(sub, x[[1, 3, 5]])
+  np.testing.assert_array_equal(sub[t2], x[t])
 
 
 def test_zscore_is_one_scalar_over_the_matrix():
@@ -113,18 +126,31 @@ def test_planted_linear_map_is_recovered_near_the_hidden_embedding():
   np.testing.assert_allclose(t.apply(features), z @ t.weights + t.bias, rtol=1e-4, atol=1e-4)
 
 
-def test_vectorised_lambdas_equal_separate_fits():
+@pytest.mark.parametrize("batch_size", [0, 256])  # Full-batch steps (the default) and minibatch epochs.
+def test_vectorised_lambdas_equal_separate_fits(batch_size):
   features, _, triplets, true_p = _planted(n_triplets=1500)
   z = ((features - features.mean()) / features.std()).astype(np.float32)
-  cfg = alignment.AlignConfig(max_epochs=8, patience=2, min_epochs=1, lr=1e-2)
-  many = alignment.fit_many(z, triplets, true_p, [10.0, 1e-3], cfg, seed=1)
-  for lam, (params, info) in zip([10.0, 1e-3], many, strict=True):
+  lambdas = [10.0, 1e-3]
+  cfg = alignment.AlignConfig(max_epochs=5 if batch_size else 40, patience=2 if batch_size else 5, min_epochs=1,
+                              lr=1e-2, batch_size=batch_size)
+  many = alignment.fit_many(z, triplets, true_p, lambdas, cfg, seed=1)
+  if not batch_size:  # The strong pull to I saturates the softmax: it stops first (and leaves the vectorised run).
+    assert many[0][1]["epochs"] < many[1][1]["epochs"], [info for _, info in many]
+  for lam, (params, info) in zip(lambdas, many, strict=True):
     alone, alone_info = alignment.fit(z, triplets, true_p, lam, cfg, seed=1)
-    np.testing.assert_allclose(params["weights"], alone["weights"], rtol=1e-4, atol=1e-6)
-    assert info["best_epoch"] == alone_info["best_epoch"]
-  # A strong pull to I keeps W near I; a weak one lets it move away.
-  dist = [np.linalg.norm(p["weights"] - np.eye(16)) for p, _ in many]
-  assert dist[0] < dist[1]
+    np.testing.assert_allclose(params["weights"], alone["weights"], rtol=1e-3, atol=1e-5)
+    assert info == pytest.approx(alone_info, rel=1e-4)
+
+
+def test_early_stopping_returns_the_best_epoch():
+  features, _, triplets, true_p = _planted(n_triplets=1500)
+  z = ((features - features.mean()) / features.std()).astype(np.float32)
+  cfg = alignment.AlignConfig(max_epochs=300, patience=5, min_epochs=1, lr=3e-2, val_fraction=0.2)
+  params, info = alignment.fit(z, triplets, true_p, 1e-5, cfg, seed=0)
+  assert info["epochs"] == info["best_epoch"] + cfg.patience < cfg.max_epochs, info
+  _, val_idx = things.split_train_test(triplets, 0.2, 0)
+  assert alignment.score(params, z, triplets[val_idx], true_p[val_idx])["loss"] == pytest.approx(info["val_loss"],
+                                                                                                  rel=1e-4)
 
 
 def test_select_lambda_and_config_errors():
