@@ -15,17 +15,31 @@ TAU = 1.0  # tau' of the paper: teacher labels use the raw similarities.
 MAX_ENTROPY = float(np.log(3.0))
 
 
-def rowwise_similarities(vectors: np.ndarray, positions: np.ndarray) -> np.ndarray:
-  """(m, 3) float32 ``[s01, s02, s12]`` for (m, 3) row positions into (n, d) vectors.
+def rowwise_similarities(vectors: np.ndarray, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """(m, 3) float32 ``[s01, s02, s12]`` for (m, 3) row positions into (n, d) float32 vectors.
 
-  Accumulates in float64 and rounds once: accurate, and robust to summation-order differences (SIMD paths,
-  alignment), so a triplet's similarities are bitwise the same wherever it sits in a block (tested).
+  A compiled kernel (`kernels.pair_dots`) reads each triplet's three rows once from the matrix, with no gathered
+  copy: memory bound at ImageNet scale. Each row is computed independently (float64 accumulation, one rounding),
+  so a triplet's similarities are bitwise the same wherever it sits in a block (tested). `out` may be a reused
+  (m, 3) float32 buffer.
   """
-  x = np.asarray(vectors)[np.asarray(positions)].astype(np.float64)  # (m, 3, d)
-  return triplet_math.pair_similarities(x).astype(np.float32)
+  vectors = np.asarray(vectors)
+  if vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+  positions = np.ascontiguousarray(positions, dtype=np.int64)
+  if positions.ndim != 2 or positions.shape[1] != 3:
+    raise ValueError(f"positions must have shape (m, 3), got {positions.shape}.")
+  if positions.size and (positions.min() < 0 or positions.max() >= len(vectors)):
+    raise ValueError(f"Row positions must lie in [0, {len(vectors)}), got [{positions.min()}, {positions.max()}].")
+  if out is None:
+    out = np.empty((len(positions), 3), np.float32)
+  from alignet_data import kernels  # numba: imported on first use.
+  kernels.pair_dots(vectors, positions, out)
+  return out
 
 
-def label_block(vectors: np.ndarray, positions: np.ndarray, raw_vectors: np.ndarray | None = None) -> dict:
+def label_block(vectors: np.ndarray, positions: np.ndarray, raw_vectors: np.ndarray | None = None,
+                similarities: np.ndarray | None = None) -> dict:
   """Label a block of triplets.
 
   Args:
@@ -33,6 +47,7 @@ def label_block(vectors: np.ndarray, positions: np.ndarray, raw_vectors: np.ndar
     positions: (m, 3) int row positions of each triplet's items, in sampled order.
     raw_vectors: optional (n, d') untransformed embeddings, to count where the transform changed the odd one
       out (the paper's AligNet vs UnAligNet difference).
+    similarities: optional precomputed `rowwise_similarities(vectors, positions)` (callers that time the kernel).
 
   Returns:
     dict of arrays: ``positions`` (m, 3) reordered so s01 >= s02 >= s12, ``similarities`` (m, 3) float32,
@@ -41,7 +56,7 @@ def label_block(vectors: np.ndarray, positions: np.ndarray, raw_vectors: np.ndar
     ``odd_changed`` (m,) bool (the raw teacher's odd one out differs; a raw tie counts as changed).
   """
   positions = np.asarray(positions, dtype=np.int64)
-  sims = rowwise_similarities(vectors, positions)
+  sims = rowwise_similarities(vectors, positions) if similarities is None else similarities
   ordered, ordered_sims = triplet_math.order_by_similarity(positions, sims)
   probs = triplet_math.pair_probabilities(ordered_sims, tau=TAU)
   out = {
@@ -89,10 +104,17 @@ def to_records(labelled: dict, triplet_ids: np.ndarray, strategy: str, ids: np.n
       "triplet_id": np.asarray(triplet_ids, np.int64),
       "strategy": np.full(m, strategy),
       "indices": np.asarray(ids, np.int64)[pos],
-      "file_names": np.asarray(file_names).astype(str)[pos],
+      "file_names": _as_str(file_names)[pos],
       "labels": np.asarray(labels, np.int64)[pos],
       "clusters": np.asarray(clusters, np.int64)[pos] if clusters is not None else np.full((m, 3), -1, np.int64),
       "similarities": labelled["similarities"],
       "soft_label": labelled["soft_label"],
       "entropy": labelled["entropy"],
   }
+
+
+def _as_str(values: np.ndarray) -> np.ndarray:
+  """`values` as a numpy str array, without a copy when it is one already (a per-block copy of every file name
+  of ImageNet was 113 MB a block)."""
+  values = np.asarray(values)
+  return values if values.dtype.kind == "U" else values.astype(str)

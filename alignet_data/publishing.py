@@ -22,6 +22,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from alignet_data import artifacts
 
 CARD = "README.md"
@@ -145,15 +147,115 @@ def verify(url: str) -> artifacts.Artifact:
 # ----------------------------------------------------------------------------------------------- The card
 
 
+SAMPLES_PLOT = "sample_triplets.png"
+SAMPLES_PER_STRATEGY = 4
+
+
 def dataset_card(src: artifacts.Artifact, name: str, version: str, dest: str) -> dict[str, bytes]:
-  """README.md (and the entropy histogram when the report has one): what, how made, schema, counts, loading."""
+  """README.md and its pictures: what, how made, schema, counts, loading; a grid of sample triplets per strategy
+  (the images when the source is available here, else a table of file names) and the entropy histogram."""
   report = src.report if src.exists(artifacts.REPORT) else {}
   out = {}
   hist = report.get("entropy", {}).get("histogram")
   if hist:
     out[ENTROPY_PLOT] = _entropy_plot(hist)
-  out[CARD] = _card_text(src, report, name, version, dest, has_plot=bool(hist)).encode()
+  samples = sample_triplets(src)
+  images, why_not = _sample_images(src, samples)
+  if images is not None:
+    out[SAMPLES_PLOT] = _samples_plot(samples, images)
+  out[CARD] = _card_text(src, report, name, version, dest, has_plot=bool(hist), samples=samples,
+                         has_grid=images is not None, why_no_images=why_not).encode()
   return out
+
+
+def sample_triplets(src: artifacts.Artifact, per_strategy: int = SAMPLES_PER_STRATEGY) -> dict[str, dict[str, Any]]:
+  """The first `per_strategy` train triplets of each strategy (shard order): {strategy: columns}.
+
+  Reads only the needed Parquet columns, shard by shard, and stops once every strategy has its samples.
+  """
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  names = src.glob("shards/train-*.parquet")
+  wanted = set((src.report.get("strategies") or {}) if src.exists(artifacts.REPORT) else {})
+  cols = ["strategy", "indices", "file_names", "similarities", "soft_label"]
+  found: dict[str, dict[str, list]] = {}
+  for shard in names:
+    try:
+      with src.open(shard) as f:
+        table = pq.read_table(f, columns=cols)
+    except (pa.ArrowException, OSError, KeyError):  # Not triplet shards: the card goes without samples.
+      return {}
+    data = {c: table.column(c).to_pylist() for c in cols}
+    for r, strategy in enumerate(data["strategy"]):
+      got = found.setdefault(strategy, {c: [] for c in cols})
+      if len(got["strategy"]) < per_strategy:
+        for c in cols:
+          got[c].append(data[c][r])
+    if wanted and all(len(found.get(w, {"strategy": []})["strategy"]) >= per_strategy for w in wanted):
+      break
+  return {k: found[k] for k in sorted(found)}
+
+
+def _sample_images(src: artifacts.Artifact, samples: dict[str, dict[str, Any]]) -> tuple[dict | None, str]:
+  """{id: (h, w, 3) uint8} of every sampled item, or (None, why not): only the demo world's images are at hand."""
+  if not samples:
+    return None, "the artifact has no Parquet train shards to draw samples from"
+  config = src.config
+  try:
+    from alignet_data import embeddings
+    spec = embeddings.info(config["embeddings"])["splits"][config["split"]]["source"]
+  except Exception as e:  # noqa: BLE001 (any failure to find the source means: no pictures, and say why)
+    return None, f"the embeddings artifact {config.get('embeddings')!r} is not readable here ({type(e).__name__})"
+  if not str(spec).startswith("demo:"):
+    return None, (f"the images of source `{spec}` are not available to the publisher (only the demo world's "
+                  "images are rendered); the table lists the file names instead")
+  from alignet_data import image_sources
+  source = image_sources.parse(spec)
+  ids = sorted({int(i) for s in samples.values() for row in s["indices"] for i in row})
+  try:
+    images = {}
+    for i in ids:
+      block, failures = source.read(image_sources.ReadTask(source.split, i, i + 1))
+      if failures or not len(block):
+        raise ValueError(f"image {i} failed to decode")
+      images[i] = np.asarray(block.images[0])
+  except Exception as e:  # noqa: BLE001
+    return None, f"the images of source `{spec}` could not be read ({e})"
+  return images, ""
+
+
+def _samples_plot(samples: dict[str, dict[str, Any]], images: dict[int, np.ndarray]) -> bytes:
+  """One row per strategy; each triplet's three images left to right, the odd one out last, its soft label above."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  per = max(len(s["strategy"]) for s in samples.values())
+  fig, axes = plt.subplots(len(samples), 3 * per, figsize=(1.0 * 3 * per, 1.45 * len(samples)), dpi=100,
+                           squeeze=False)
+  for row, (strategy, s) in enumerate(samples.items()):
+    for t in range(per):
+      for item in range(3):
+        ax = axes[row, 3 * t + item]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if t >= len(s["strategy"]):
+          ax.axis("off")
+          continue
+        ax.imshow(images[int(s["indices"][t][item])], interpolation="nearest")
+        for spine in ax.spines.values():
+          spine.set_color("tab:red" if item == 2 else "0.8")
+          spine.set_linewidth(2 if item == 2 else 0.5)
+        if item == 1:
+          p = s["soft_label"][t]
+          ax.set_title(f"p=[{p[0]:.2f} {p[1]:.2f} {p[2]:.2f}]", fontsize=7)
+    axes[row, 0].set_ylabel(strategy, fontsize=8, rotation=0, ha="right", va="center")
+  fig.suptitle("Sample triplets per strategy (odd one out last, red; p = soft label of pairs 01, 02, 12)",
+               fontsize=8)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", metadata={"Software": None})
+  plt.close(fig)
+  return buf.getvalue()
 
 
 def _entropy_plot(hist: dict[str, list]) -> bytes:
@@ -187,7 +289,8 @@ def _schema_rows(src: artifacts.Artifact) -> list[str]:
 
 
 def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, version: str, dest: str,
-               has_plot: bool) -> str:
+               has_plot: bool, samples: dict[str, dict[str, Any]] | None = None, has_grid: bool = False,
+               why_no_images: str = "") -> str:
   config = src.config
   splits = report.get("splits", {})
   npz = report.get("npz") or {}
@@ -221,6 +324,18 @@ def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, versi
                  f"{100 * report['odd_one_out_changed']:.1f}%")
   if has_plot:
     lines += ["", f"![label entropy]({ENTROPY_PLOT})"]
+  if samples:
+    lines += ["", "## Sample triplets", ""]
+    if has_grid:
+      lines += [f"![sample triplets per strategy]({SAMPLES_PLOT})", ""]
+    else:
+      lines += [f"No picture: {why_no_images}.", ""]
+    lines += ["| strategy | item 0 | item 1 | item 2 (odd one out) | soft label [p01, p02, p12] |",
+              "| --- | --- | --- | --- | --- |"]
+    for strategy, smp in samples.items():
+      for names, p in zip(smp["file_names"], smp["soft_label"], strict=True):
+        lines.append(f"| `{strategy}` | `{names[0]}` | `{names[1]}` | `{names[2]}` | "
+                     f"[{p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f}] |")
   lines += ["", "## Schema", ""] + _schema_rows(src)
   lines += [
       "",

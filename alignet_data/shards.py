@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import itertools
 import json
 import posixpath
 import struct
+import zipfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -232,8 +234,9 @@ def _example_class() -> type:
 _KIND = {"int64": "int64_list", "float32": "float_list", "string": "bytes_list"}
 
 
-def encode_examples(columns: Columns) -> list[bytes]:
-  """Serialised tf.train.Example per row (deterministic: map keys sorted)."""
+def _encode_examples_proto(columns: Columns) -> list[bytes]:
+  """Reference encoder: protobuf objects, one Example per row (~50 us a record). Tests pin `encode_examples`
+  to its bytes."""
   columns = check_columns(columns)
   example_cls = _example_class()
   lists = {}
@@ -251,6 +254,65 @@ def encode_examples(columns: Columns) -> list[bytes]:
       getattr(feats[f["name"]], _KIND[f["dtype"]]).value.extend(lists[f["name"]][r])
     out.append(ex.SerializeToString(deterministic=True))
   return out
+
+
+# Compiled wire format: protobuf's deterministic serialisation of tf.train.Example written byte by byte by a
+# numba kernel (map entries sorted by key, packed numeric lists, as protobuf does), with the TFRecord framing and
+# crc32c in the same pass: ~1 us a record instead of ~50 us; `_encode_examples_proto` pins the bytes in tests.
+_KIND_CODE = {"int64": 0, "float32": 1, "string": 2}
+
+
+def _utf8(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """UTF-8 bytes of strings (row-major) as (flat uint8, offsets (n + 1,))."""
+  u = np.ascontiguousarray(np.asarray(strings).astype(str).reshape(-1))
+  width = u.dtype.itemsize // 4
+  codes = u.view(np.uint32).reshape(len(u), width) if width else np.zeros((len(u), 0), np.uint32)
+  if (codes < 128).all():  # ASCII (file names, strategy names): a byte per character, NUL padding dropped.
+    lengths = (codes != 0).sum(1).astype(np.int64) if width else np.zeros(len(u), np.int64)
+    flat = codes.astype(np.uint8)[np.arange(width)[None, :] < lengths[:, None]]
+  else:
+    encoded = [s.encode() for s in u.tolist()]
+    flat = np.frombuffer(b"".join(encoded), np.uint8)
+    lengths = np.array([len(e) for e in encoded], np.int64)
+  return flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _encode(columns: Columns, framed: bool) -> tuple[np.ndarray, np.ndarray]:
+  columns = check_columns(columns)
+  m = len(columns["triplet_id"])
+  order = sorted(fields(), key=lambda f: f["name"].encode())  # Deterministic maps sort their keys.
+  groups: dict[str, list[np.ndarray]] = {"int64": [], "float32": [], "string": []}
+  kinds, widths, cols = [], [], []
+  for f in order:
+    width = f["shape"][0] if f["shape"] else 1
+    kinds.append(_KIND_CODE[f["dtype"]])
+    widths.append(width)
+    cols.append(sum(a.shape[1] for a in groups[f["dtype"]]))
+    groups[f["dtype"]].append(columns[f["name"]].reshape(m, width))
+  stack = lambda parts, dtype: np.ascontiguousarray(np.concatenate(parts, 1) if parts else np.zeros((m, 0)), dtype)
+  ints = stack(groups["int64"], np.int64).view(np.uint64)  # Negative int64 -> 10-byte varints, as protobuf.
+  floats = stack(groups["float32"], "<f4").view(np.uint32)
+  strings = stack(groups["string"], str) if groups["string"] else np.zeros((m, 0), str)
+  str_bytes, str_off = _utf8(strings)
+  keys = [f["name"].encode() for f in order]
+  key_off = np.concatenate([[0], np.cumsum([len(k) for k in keys])]).astype(np.int64)
+  from alignet_data import kernels  # numba: imported on first use.
+  return kernels.encode_examples(ints, floats, str_bytes, str_off, strings.shape[1], np.array(kinds, np.int64),
+                    np.array(widths, np.int64), np.array(cols, np.int64), np.frombuffer(b"".join(keys), np.uint8),
+                    key_off, framed)
+
+
+def encode_examples(columns: Columns) -> list[bytes]:
+  """Serialised tf.train.Example per row (deterministic: map keys sorted)."""
+  flat, lengths = _encode(columns, framed=False)
+  data = flat.tobytes()
+  ends = np.cumsum(lengths).tolist()
+  return [data[e - n:e] for e, n in zip(ends, lengths.tolist(), strict=True)]
+
+
+def tfrecord_bytes(columns: Columns) -> bytes:
+  """A whole TFRecord file of the rows' Examples (framing and crc32c included)."""
+  return _encode(columns, framed=True)[0].tobytes()
 
 
 def decode_examples(records: Iterable[bytes]) -> Columns:
@@ -321,16 +383,29 @@ def unframe_records(data: bytes, what: str = "TFRecord") -> Iterator[bytes]:
 
 def write_tfrecord(url: str, columns: Columns) -> int:
   """One uncompressed TFRecord file of Examples. Returns the row count."""
-  records = encode_examples(columns)
+  data = tfrecord_bytes(columns)
   with _open(url, "wb") as f:
-    f.write(frame_records(records))
-  return len(records)
+    f.write(data)
+  return len(columns["triplet_id"])
 
 
 def read_tfrecord(url: str) -> Columns:
   with _open(url, "rb") as f:
     data = f.read()
   return decode_examples(unframe_records(data, url))
+
+
+_SCAN_ERRORS = {1: "truncated record header", 2: "corrupt length checksum", 3: "truncated record",
+                4: "corrupt data checksum in the record"}
+
+
+def count_tfrecord(data: bytes, what: str = "TFRecord") -> int:
+  """Records in a TFRecord file's bytes, checking every length and data crc32c (compiled: ~1 GB/s)."""
+  from alignet_data import kernels
+  count, error, pos = kernels.scan_tfrecord(np.frombuffer(data, np.uint8))
+  if error:
+    raise SchemaError(f"{what}: {_SCAN_ERRORS[error]} at byte {pos}.")
+  return int(count)
 
 
 def check_tfrecord(url: str, decode_limit: int | None = None) -> int:
@@ -340,9 +415,11 @@ def check_tfrecord(url: str, decode_limit: int | None = None) -> int:
   (parsing is ~100 us per record in Python, for files the writer already built from checked columns).
   """
   with _open(url, "rb") as f:
-    records = list(unframe_records(f.read(), url))
-  decode_examples(records if decode_limit is None else records[:decode_limit])
-  return len(records)
+    data = f.read()
+  count = count_tfrecord(data, url)
+  records = unframe_records(data, url)
+  decode_examples(records if decode_limit is None else itertools.islice(records, decode_limit))
+  return count
 
 
 # ------------------------------------------------------------------------------------------------- Layout
@@ -393,14 +470,57 @@ def npz_name(transform: str, split: str, sampling: str) -> str:
   return f"{transform}/{split}_{sampling}.npz"
 
 
-def write_npz(f: Any, columns: Columns) -> None:
-  """The released arrays: `filenames` (n, 3) str, `similarities` (n, 3) float32, `indices` (n, 3) int64.
+NPZ_ARRAYS = {"filenames": "file_names", "similarities": "similarities", "indices": "indices"}  # npz <- column
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+# zlib level 1: 6x faster than numpy's default 6 on file-name arrays (0.29 s vs 1.6 s for 24 MB, measured), files
+# ~40% larger; 10^7 triplets hold 2.6 GB of UTF-32 file names.
+_ZIP_LEVEL = 1
 
-  Compressed, like the released files; zip entries carry a fixed date, so the bytes are deterministic.
+
+def npz_arrays(columns: Columns, filename_dtype: Any = None) -> dict[str, np.ndarray]:
+  """The released arrays of a block: `filenames` (m, 3) str, `similarities` (m, 3) float32, `indices` (m, 3) int64.
+
+  `filename_dtype` (e.g. '<U24') fixes the string width, so that blocks written apart concatenate byte-wise.
   """
   columns = check_columns(columns)
-  np.savez_compressed(f, filenames=columns["file_names"], similarities=columns["similarities"],
-                      indices=columns["indices"])
+  names = columns["file_names"]
+  return {"filenames": names.astype(filename_dtype) if filename_dtype is not None else names,
+          "similarities": columns["similarities"].astype(np.float32), "indices": columns["indices"].astype(np.int64)}
+
+
+def write_npz_parts(f: Any, arrays: dict[str, tuple[np.dtype, tuple[int, ...], Iterable[Any]]]) -> None:
+  """A compressed .npz streamed from parts: name -> (dtype, full shape, iterable of C-order bytes of its rows).
+
+  What `np.savez_compressed` writes, without ever holding a whole array: each member's .npy header gives the
+  final shape, then the parts follow in order. Zip entries carry a fixed date, so the bytes are deterministic.
+  """
+  with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_ZIP_LEVEL, allowZip64=True) as zf:
+    for name, (dtype, shape, parts) in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+      info.compress_type = zipfile.ZIP_DEFLATED
+      try:
+        info.compress_level = _ZIP_LEVEL  # Python >= 3.13
+      except AttributeError:
+        info._compresslevel = _ZIP_LEVEL  # Python 3.11, 3.12
+      expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+      written = 0
+      with zf.open(info, "w", force_zip64=True) as out:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": tuple(int(s) for s in shape)}
+        np.lib.format.write_array_header_1_0(out, header)
+        for part in parts:
+          data = memoryview(part).cast("B")
+          out.write(data)
+          written += data.nbytes
+      if written != expected:
+        raise ValueError(f"npz member {name}: {written} bytes of parts for shape {shape} {dtype} "
+                         f"({expected} bytes expected).")
+
+
+def write_npz(f: Any, columns: Columns) -> None:
+  """The released arrays (`npz_arrays`) of one block of columns, compressed like the released files."""
+  arrays = npz_arrays(columns)
+  write_npz_parts(f, {name: (a.dtype, a.shape, [np.ascontiguousarray(a)]) for name, a in arrays.items()})
 
 
 def read_npz(f: Any) -> dict[str, np.ndarray]:

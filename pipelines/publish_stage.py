@@ -1,20 +1,22 @@
 """Stage `publish`: copy an artifact to ``<bucket>/<name>/<version>/`` as an immutable, verified dataset.
 
-  alignet publish --from X --to file:///data/bucket --name alignet --version 0.1.0 --out P
+  alignet publish --from X --to file:///data/bucket --name alignet --version 0.1.0 [--out P]
 
-The published version is the data; this stage's own artifact (P) records where it went (report
-``published_to``) and the publication result. Publishing the same version twice is refused (bump --version);
-`--if-exists skip_identical` accepts a version already published from an identical source (for resumed chains).
+The published version is the data. With --out (and in the chain, `alignet run`), this stage also writes its own
+artifact P recording where it went (report ``published_to``) and the publication result. Publishing the same
+version twice is refused (bump --version); `--if-exists skip_identical` accepts a version already published
+from an identical source (for resumed chains).
 """
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from alignet_data import artifacts, publishing
 
-__all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run"]
+__all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "command"]
 
 STAGE = "publish"
 
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--version", dest="version", help="Dataset version, e.g. 0.1.0; never overwritten.")
   parser.add_argument("--no-card", dest="card", action="store_const", const=False, help="Skip the dataset card.")
   parser.add_argument("--if-exists", choices=["error", "skip_identical"], help="What to do if the version exists.")
+  parser.add_argument("--out", help="Optional: also write a publish artifact here recording the publication.")
+  parser.add_argument("--force", action="store_true", help="With --out: rerun even if that artifact is up to date.")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,3 +65,19 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
                               card=config["card"], if_exists=config["if_exists"])
   writer.write_json("publication.json", result)
   return {**result, "name": config["name"], "version": config["version"]}
+
+
+def command(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
+  """`alignet publish`: publish straight to the bucket; an existing version is a clear error (exit status 1)."""
+  config = config_from_args(args)
+  input_urls(config)
+  if args.out:
+    from pipelines import stages
+    art = stages.run(STAGE, config, args.out, beam_args=beam_args, force=args.force)
+    result = art.report
+    print(f"{STAGE}: record in {art.url}")
+  else:
+    result = publishing.publish(config["source"], config["bucket"], config["name"], config["version"],
+                                card=config["card"], if_exists=config["if_exists"])
+  print(json.dumps({k: result[k] for k in ("published_to", "files", "bytes", "already_published")}))
+  return 0

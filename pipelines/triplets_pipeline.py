@@ -3,20 +3,21 @@
   alignet triplets --embeddings E --transform T --clusters C --strategy cluster_boundary --num 100000 \
       --num-valid 10000 --seed 0 --format tfrecord,parquet,npz --out X [Beam options, e.g. --direct_num_workers=2]
 
-Elements are blocks of triplet ids, never single triplets:
+Elements are blocks of triplet ids, never single triplets: one per output shard,
 
-  BlockSpecs    (split, strategy, start, stop)       rows [start, stop) of a split, one strategy
-  SampleLabel   (split, start, columns)              sampled (counter-based), labelled, as schema columns
-  AssignShards  ((split, shard), (start, columns))   cut at the shard's fixed row range
-  GroupShards   ((split, shard), [(start, columns)])
-  WriteShards   shard stats                          pieces sorted by start -> Parquet / TFRecord files
+  ShardSpecs        (split, shard, start, stop)   rows [start, stop) of a split
+  Reshuffle                                       (spread over workers)
+  SampleLabelWrite  (split, shard, rows)          in blocks of block_size rows: sample (counter-based), label
+                                                  (compiled kernel), then write the shard's Parquet / TFRecord
+                                                  files, its npz parts and its stats
 
+so no triplet data crosses a shuffle: at 10^7 triplets the pipeline moves 100 small specs, not 4 GB of rows.
 Row r of a split is triplet id ``base(split) + r`` (train base 0, valid base 2^40: disjoint ids, and the valid
 split does not change when --num does), drawn by strategy s from an RNG keyed by (seed, s, id). Strategies of
 a mix take consecutive row ranges (in name order). Shard i of a split holds its rows [b_i, b_{i+1}) in row
 order, so every file's bytes are fixed by the config alone: any runner, worker count or block size writes the
-same bytes. Consumers shuffle (the trainer does). The released-layout npz is written on request
-(``npz`` in formats) from the Parquet shards, after the pipeline.
+same bytes. Consumers shuffle (the trainer does). The released-layout npz (``npz`` in formats) is streamed
+from the shards' parts after the pipeline, never held whole in memory.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,6 +40,7 @@ STAGE = "triplets"
 VALID_ID_BASE = 1 << 40
 FORMATS = ("parquet", "tfrecord", "npz")
 _STATS_DIR = "_shard_stats"
+_NPZ_PARTS = "_npz_parts"
 _EXT = {"parquet": "parquet", "tfrecord": "tfrecord"}
 
 
@@ -51,7 +54,7 @@ def default_config() -> dict[str, Any]:
       "num": 20000,            # Training triplets.
       "num_valid": 2000,       # Validation triplets (disjoint triplet ids).
       "seed": 0,
-      "block_size": 4096,      # Triplets per Beam element (does not change any output byte).
+      "block_size": 4096,      # Triplets labelled at a time inside a shard (does not change any output byte).
       "num_shards": 4,         # Train shards.
       "num_valid_shards": 1,
       "formats": ["parquet", "tfrecord"],  # Any of parquet, tfrecord, npz (the released layout).
@@ -70,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--num", type=int, help="Number of training triplets.")
   parser.add_argument("--num-valid", type=int, help="Number of validation triplets.")
   parser.add_argument("--seed", type=int, help="Sampling seed.")
-  parser.add_argument("--block-size", type=int, help="Triplets per Beam element.")
+  parser.add_argument("--block-size", type=int, help="Triplets labelled at a time (memory vs overhead).")
   parser.add_argument("--num-shards", type=int, help="Number of train shards.")
   parser.add_argument("--num-valid-shards", type=int, help="Number of valid shards.")
   parser.add_argument("--format", dest="formats", help="Comma-separated: parquet,tfrecord,npz.")
@@ -123,16 +126,6 @@ def strategy_ranges(config: dict[str, Any]) -> dict[str, list[tuple[str, int, in
   return out
 
 
-def block_specs(config: dict[str, Any]) -> list[tuple[str, str, int, int]]:
-  """The pipeline's input elements: (split, strategy, start row, end row) blocks of at most block_size rows."""
-  bs = int(config["block_size"])
-  if bs < 1:
-    raise ValueError(f"block_size must be >= 1, got {bs}.")
-  return [(split, name, s, min(s + bs, hi))
-          for split, ranges in strategy_ranges(config).items()
-          for name, lo, hi in ranges for s in range(lo, hi, bs)]
-
-
 def id_base(split: str) -> int:
   return 0 if split == "train" else VALID_ID_BASE
 
@@ -152,12 +145,12 @@ class TripletInputs:
 
   @classmethod
   def load(cls, config: dict[str, Any]) -> TripletInputs:
-    emb = embeddings.load(config["embeddings"], config["split"])
+    emb = clustering.load_embeddings(config["embeddings"], config["split"])
     if len(emb) < 3:
       raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} has {len(emb)} rows; "
                        "triplets need at least 3.")
     raw = emb.vectors
-    vectors = Transform.load(config["transform"]).apply(raw) if config.get("transform") else raw
+    vectors = clustering.transform_rows(Transform.load(config["transform"]), raw) if config.get("transform") else raw
     clusters = k = None
     if config.get("clusters"):
       cl = clustering.load(config["clusters"])
@@ -191,14 +184,30 @@ def _inputs(config: dict[str, Any]) -> TripletInputs:
     if key not in _LOADED:
       _LOADED.clear()
       _LOADED[key] = TripletInputs.load(config)
+      _warm_up()
     return _LOADED[key]
 
 
-def make_block(inputs: TripletInputs, split: str, strategy: str, start: int, stop: int) -> shards.Columns:
-  """Rows [start, stop) of a split as schema columns, plus per-row diagnostics under '_' keys."""
+def _warm_up() -> None:
+  """Load the compiled kernels once per process (~1-2 s), outside the timed labelling and off the workers' race."""
+  labelling.rowwise_similarities(np.zeros((3, 1), np.float32), np.array([[0, 1, 2]]))
+  shards.tfrecord_bytes(shards.empty())
+
+
+def make_block(inputs: TripletInputs, split: str, strategy: str, start: int, stop: int,
+               timer: dict[str, float] | None = None) -> shards.Columns:
+  """Rows [start, stop) of a split as schema columns, plus per-row diagnostics under '_' keys.
+
+  `timer["label_seconds"]` accumulates the time of the labelling kernel (the benchmark's floor fraction).
+  """
   ids = np.arange(start, stop, dtype=np.int64) + id_base(split)
   positions = inputs.samplers[strategy].sample(ids)
-  labelled = labelling.label_block(inputs.vectors, positions, inputs.raw_vectors)
+  tic, cpu = time.perf_counter(), time.thread_time()
+  sims = labelling.rowwise_similarities(inputs.vectors, positions)
+  if timer is not None:
+    timer["label_seconds"] = timer.get("label_seconds", 0.0) + time.perf_counter() - tic
+    timer["label_cpu_seconds"] = timer.get("label_cpu_seconds", 0.0) + time.thread_time() - cpu
+  labelled = labelling.label_block(inputs.vectors, positions, inputs.raw_vectors, similarities=sims)
   labelling.check_labels(labelled["similarities"], labelled["soft_label"], labelled["entropy"])
   columns = labelling.to_records(labelled, ids, strategy, inputs.emb.ids, inputs.emb.file_names,
                                  inputs.emb.labels, inputs.clusters)
@@ -224,6 +233,78 @@ def shard_stats(columns: shards.Columns, bins: int) -> dict[str, Any]:
   }
 
 
+def shard_specs(config: dict[str, Any]) -> list[tuple[str, int, int, int]]:
+  """The pipeline's input elements: (split, shard, first row, end row), one block of triplet ids per shard."""
+  out = []
+  for split, n in split_sizes(config).items():
+    if n == 0:
+      continue
+    b = shards.shard_bounds(n, split_shards(config)[split])
+    out += [(split, i, int(b[i]), int(b[i + 1])) for i in range(len(b) - 1)]
+  return out
+
+
+def sub_blocks(config: dict[str, Any], split: str, start: int, stop: int) -> list[tuple[str, int, int]]:
+  """(strategy, lo, hi) pieces of at most block_size rows covering rows [start, stop) of a split, in order."""
+  bs = int(config["block_size"])
+  out = []
+  for name, lo, hi in strategy_ranges(config)[split]:
+    lo, hi = max(lo, start), min(hi, stop)
+    out += [(name, s, min(s + bs, hi)) for s in range(lo, hi, bs)]
+  return out
+
+
+def make_shard(inputs: TripletInputs, config: dict[str, Any], split: str, start: int, stop: int,
+               timer: dict[str, float] | None = None) -> shards.Columns:
+  """Rows [start, stop) of a split (one shard), made in blocks of block_size rows (the bytes do not depend on it)."""
+  pieces = [make_block(inputs, split, name, lo, hi, timer) for name, lo, hi in sub_blocks(config, split, start, stop)]
+  if not pieces:
+    out = shards.empty()
+    out["file_names"] = out["file_names"].astype(inputs.emb.file_names.dtype)
+    out["_sampled_odd_kept"] = np.zeros(0, bool)
+    if inputs.raw_vectors is not None:
+      out["_odd_changed"] = np.zeros(0, bool)
+    return out
+  return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def write_shard(inputs: TripletInputs, config: dict[str, Any], out_url: str, split: str, shard: int, start: int,
+                stop: int) -> dict[str, Any]:
+  """Make one shard and write its files (each format, npz parts) and its stats; returns the stats."""
+  timer: dict[str, float] = {}
+  tic = time.perf_counter()
+  columns = make_shard(inputs, config, split, start, stop, timer)
+  made = time.perf_counter()
+  count = split_shards(config)[split]
+  record = {k: v for k, v in columns.items() if not k.startswith("_")}
+  for fmt in config["formats"]:
+    if fmt in _EXT:
+      url = artifacts.join(out_url, shards.shard_name(split, shard, count, _EXT[fmt]))
+      (shards.write_parquet if fmt == "parquet" else shards.write_tfrecord)(url, record)
+  if "npz" in config["formats"]:
+    for name, array in shards.npz_arrays(record, inputs.emb.file_names.dtype).items():
+      _write_bytes(artifacts.join(out_url, _npz_part(split, shard, name)), np.ascontiguousarray(array))
+  stats = shard_stats(columns, int(config["entropy_bins"]))
+  stats["seconds"] = {"make": made - tic, "label": timer.get("label_seconds", 0.0),
+                      "label_cpu": timer.get("label_cpu_seconds", 0.0), "write": time.perf_counter() - made}
+  fs, path = artifacts.url_to_fs(artifacts.join(out_url, _STATS_DIR, f"{split}-{shard:05d}.json"))
+  fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+  with fs.open(path, "w") as f:
+    json.dump(stats, f)
+  return stats
+
+
+def _npz_part(split: str, shard: int, name: str) -> str:
+  return f"{_NPZ_PARTS}/{split}-{shard:05d}.{name}.bin"
+
+
+def _write_bytes(url: str, array: np.ndarray) -> None:
+  fs, path = artifacts.url_to_fs(url)
+  fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+  with fs.open(path, "wb") as f:
+    f.write(memoryview(array).cast("B"))
+
+
 # --------------------------------------------------------------------------------------------------- Beam
 
 
@@ -232,98 +313,34 @@ def _beam():
   return beam
 
 
-def _make_dofns():
-  """The DoFn classes, defined on first use so that importing this module does not import Beam."""
+def SampleTriplets(config: dict[str, Any], out_url: str):  # noqa: N802 (a PTransform factory)
+  """The composite transform: PBegin -> (split, shard, rows) per written shard."""
   beam = _beam()
 
-  class SampleLabel(beam.DoFn):
-    def __init__(self, config: dict[str, Any]):
+  class WriteShard(beam.DoFn):
+    def __init__(self, config: dict[str, Any], out_url: str):
       self._config = config
-      self._blocks = beam.metrics.Metrics.counter(STAGE, "blocks")
+      self._out = out_url
+      self._shards = beam.metrics.Metrics.counter(STAGE, "shards")
       self._triplets = beam.metrics.Metrics.counter(STAGE, "triplets")
 
     def setup(self):
       self._inputs = _inputs(self._config)
 
     def process(self, spec):
-      split, strategy, start, stop = spec
-      self._blocks.inc()
-      self._triplets.inc(stop - start)
-      yield split, start, make_block(self._inputs, split, strategy, start, stop)
-
-  class WriteShard(beam.DoFn):
-    def __init__(self, config: dict[str, Any], out_url: str):
-      self._config = config
-      self._out = out_url
-      self._written = beam.metrics.Metrics.counter(STAGE, "written_shards")
-
-    def process(self, element):
-      (split, shard), pieces = element
-      pieces = sorted((p for p in pieces if p is not None), key=lambda p: p[0])
-      columns = _concat_pieces([c for _, c in pieces])
-      count = split_shards(self._config)[split]
-      record = {k: v for k, v in columns.items() if not k.startswith("_")}
-      for fmt in self._config["formats"]:
-        if fmt in _EXT:
-          url = artifacts.join(self._out, shards.shard_name(split, shard, count, _EXT[fmt]))
-          (shards.write_parquet if fmt == "parquet" else shards.write_tfrecord)(url, record)
-      stats = shard_stats(columns, int(self._config["entropy_bins"]))
-      fs, path = artifacts.url_to_fs(artifacts.join(self._out, _STATS_DIR, f"{split}-{shard:05d}.json"))
-      fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-      with fs.open(path, "w") as f:
-        json.dump(stats, f)
-      self._written.inc()
+      split, shard, start, stop = spec
+      stats = write_shard(self._inputs, self._config, self._out, split, shard, start, stop)
+      self._shards.inc()
+      self._triplets.inc(stats["rows"])
       yield split, shard, stats["rows"]
-
-  return SampleLabel, WriteShard
-
-
-def _concat_pieces(pieces: list[shards.Columns]) -> shards.Columns:
-  if not pieces:
-    out = shards.empty()
-    out["_sampled_odd_kept"] = np.zeros(0, bool)
-    return out
-  return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-
-
-def _cut_at_shards(element, bounds: dict[str, np.ndarray]) -> Iterator[tuple[tuple[str, int], tuple[int, Any]]]:
-  """(split, start, columns) -> ((split, shard), (start, piece)) for each shard the block overlaps."""
-  split, start, columns = element
-  b = bounds[split]
-  stop = start + len(columns["triplet_id"])
-  first = int(np.searchsorted(b, start, side="right")) - 1
-  for shard in range(first, len(b) - 1):
-    if b[shard] >= stop:
-      break
-    lo, hi = max(start, int(b[shard])), min(stop, int(b[shard + 1]))
-    if lo < hi:
-      yield (split, shard), (lo, {k: v[lo - start:hi - start] for k, v in columns.items()})
-
-
-def SampleTriplets(config: dict[str, Any], out_url: str):  # noqa: N802 (a PTransform factory)
-  """The composite transform: PBegin -> (split, shard, rows) per written shard."""
-  beam = _beam()
-  sample_label, write_shard = _make_dofns()
-  bounds = {s: shards.shard_bounds(n, split_shards(config)[s]) for s, n in split_sizes(config).items()}
-  every_shard = [((s, i), None) for s, n in split_shards(config).items() if split_sizes(config)[s] > 0
-                 for i in range(n)]
 
   class _SampleTriplets(beam.PTransform):
     def expand(self, pbegin):
-      blocks = (pbegin
-                | "BlockSpecs" >> beam.Create(block_specs(config))
-                # (split, strategy, start, stop)
-                | "Reshuffle" >> beam.Reshuffle()
-                | "SampleLabel" >> beam.ParDo(sample_label(config))
-                # (split, start, columns)
-                | "AssignShards" >> beam.FlatMap(_cut_at_shards, bounds))
-      # ((split, shard), (start, columns))
-      empty = pbegin | "EveryShard" >> beam.Create(every_shard)  # So that empty shards are written too.
-      return ((blocks, empty)
-              | "Flatten" >> beam.Flatten()
-              | "GroupShards" >> beam.GroupByKey()
-              # ((split, shard), [(start, columns) | None])
-              | "WriteShards" >> beam.ParDo(write_shard(config, out_url)))
+      return (pbegin
+              | "ShardSpecs" >> beam.Create(shard_specs(config))
+              # (split, shard, start row, end row): a block of triplet ids
+              | "Reshuffle" >> beam.Reshuffle()
+              | "SampleLabelWrite" >> beam.ParDo(WriteShard(config, out_url)))
       # (split, shard, rows)
 
   return _SampleTriplets()
@@ -336,8 +353,6 @@ def _validate(config: dict[str, Any]) -> None:
   bad = [f for f in config["formats"] if f not in FORMATS]
   if bad or not config["formats"]:
     raise ValueError(f"Unknown output format(s) {bad or config['formats']}; choose from {', '.join(FORMATS)}.")
-  if "npz" in config["formats"] and "parquet" not in config["formats"] and "tfrecord" not in config["formats"]:
-    raise ValueError("The npz export is made from the shards: add parquet or tfrecord to --format.")
   for key in ("num", "num_valid"):
     if int(config[key]) < 0:
       raise ValueError(f"{key} must be >= 0, got {config[key]}.")
@@ -346,14 +361,16 @@ def _validate(config: dict[str, Any]) -> None:
   if int(config["num_valid"]) >= VALID_ID_BASE or int(config["num"]) >= VALID_ID_BASE:
     raise ValueError(f"At most {VALID_ID_BASE - 1} triplets per split (triplet ids of train and valid are "
                      "disjoint ranges).")
-  for key in ("num_shards", "num_valid_shards"):
+  for key in ("num_shards", "num_valid_shards", "block_size"):
     if int(config[key]) < 1:
       raise ValueError(f"{key} must be >= 1, got {config[key]}.")
 
 
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
   _validate(config)
+  tic = time.perf_counter()
   inputs = _inputs(config)  # Fail early (and clearly) on bad inputs, before Beam starts.
+  loaded = time.perf_counter()
   totals: dict[str, int] = {}
   for ranges in strategy_ranges(config).values():
     for name, lo, hi in ranges:
@@ -363,17 +380,44 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
 
   beam = _beam()
   from apache_beam.options.pipeline_options import PipelineOptions
-  print(f"[{STAGE}] {sum(split_sizes(config).values())} triplets in {len(block_specs(config))} blocks "
+  print(f"[{STAGE}] {sum(split_sizes(config).values())} triplets in {len(shard_specs(config))} shards "
         f"(Beam {' '.join(beam_args) or 'DirectRunner'})", flush=True)
   with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
     _ = p | "Triplets" >> SampleTriplets(config, writer.tmp_url)
-
+  ran = time.perf_counter()
   report = _finish(config, writer, inputs)
+  timing = report.pop("_timing")
+  bandwidth, bandwidth_cpu = read_bandwidth(inputs.vectors)
+  floor, floor_cpu = timing["label_bytes"] / bandwidth, timing["label_bytes"] / bandwidth_cpu
+  report["timing"] = {
+      "load_seconds": round(loaded - tic, 3), "pipeline_seconds": round(ran - loaded, 3),
+      "finish_seconds": round(time.perf_counter() - ran, 3), **timing,
+      "read_bandwidth_gbps": round(bandwidth / 1e9, 3), "labelling_floor_seconds": round(floor, 3),
+      "labelling_floor_fraction": round(floor / max(timing["label_seconds"], 1e-9), 4),
+      # The same in thread CPU time (kernel and np.sum): robust to the descheduling of a shared machine.
+      "labelling_floor_fraction_cpu": round(floor_cpu / max(timing["label_cpu_seconds"], 1e-9), 4)}
+  with _LOCK:
+    _LOADED.clear()  # Free the matrices (12 GB at ImageNet scale) for the stages after this one in `alignet run`.
   return report
 
 
+def read_bandwidth(x: np.ndarray, repeats: int = 3) -> tuple[float, float]:
+  """Sequential read bandwidth (bytes/s) of this process over the embedding matrix: the best of a few `np.sum`s,
+  in wall time and in thread CPU time.
+
+  The labelling floor is the time to read 3 rows per triplet at this rate (bench/imagenet_scale.py). A matrix
+  that fits in cache measures the cache, not memory: the fraction is only meaningful for large matrices.
+  """
+  best, best_cpu = np.inf, np.inf
+  for _ in range(repeats):
+    tic, cpu = time.perf_counter(), time.thread_time()
+    x.sum(dtype=np.float32)
+    best, best_cpu = min(best, time.perf_counter() - tic), min(best_cpu, time.thread_time() - cpu)
+  return x.nbytes / max(best, 1e-9), x.nbytes / max(best_cpu, 1e-9)
+
+
 def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter, inputs: TripletInputs) -> dict[str, Any]:
-  """Check every file against the schema, aggregate shard stats, export npz, write the index."""
+  """Check every file against the schema, aggregate shard stats, assemble the npz, write the index."""
   sizes, counts = split_sizes(config), split_shards(config)
   stats: dict[str, list[dict[str, Any]]] = {}
   index: dict[str, Any] = {}
@@ -390,7 +434,7 @@ def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter, inputs: Tr
         if fmt in _EXT:
           name = shards.shard_name(split, i, counts[split], _EXT[fmt])
           url = writer.path(name)
-          rows = shards.check_parquet(url) if fmt == "parquet" else shards.check_tfrecord(url, decode_limit=1000)
+          rows = shards.check_parquet(url) if fmt == "parquet" else shards.check_tfrecord(url, decode_limit=100)
           if rows != expected:
             raise RuntimeError(f"{name}: {rows} rows written, expected {expected}.")
           writer.set_rows(name, rows)
@@ -400,27 +444,49 @@ def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter, inputs: Tr
 
   strategies = sorted(sampling.parse_strategy(config["strategy"]))
   npz = None
+  tic = time.perf_counter()
   if "npz" in config["formats"]:
     sampling_tag = config["npz_sampling"] or shards.sampling_name(strategies, inputs.k)
     transform = "uncertainty_distillation" if config.get("transform") else "untransformed"
-    fmt = "parquet" if "parquet" in config["formats"] else "tfrecord"
     npz = {}
     for split in stats:
-      names = [shards.shard_name(split, i, counts[split], _EXT[fmt]) for i in range(counts[split])]
-      read = shards.read_parquet if fmt == "parquet" else shards.read_tfrecord
-      columns = shards.concat(read(writer.path(n)) for n in names)
+      n = sizes[split]
+      dtypes = {"filenames": inputs.emb.file_names.dtype, "similarities": np.dtype(np.float32),
+                "indices": np.dtype(np.int64)}
+      arrays = {name: (dtype, (n, 3), _read_parts(writer, split, counts[split], name))
+                for name, dtype in dtypes.items()}
       name = f"{shards.NPZ_DIR}/{shards.npz_name(transform, split, sampling_tag)}"
       with writer.open(name, "wb") as f:
-        shards.write_npz(f, columns)
-      writer.set_rows(name, len(columns["triplet_id"]))
+        shards.write_npz_parts(f, arrays)
+      writer.set_rows(name, n)
       npz[split] = name
+    writer.fs.rm(writer.local_path(_NPZ_PARTS), recursive=True)
+  npz_seconds = time.perf_counter() - tic
   writer.write_json("triplets.json", {
       "schema": shards.SCHEMA_NAME, "schema_version": shards.SCHEMA_VERSION, "splits": index,
       "formats": config["formats"], "npz": npz, "embeddings": config["embeddings"], "split": config["split"],
       "transform": config["transform"], "clusters": config["clusters"]})
   with writer.open(f"schema/{shards.SCHEMA_FILE}", "wb") as f:
     f.write(json.dumps(shards.schema_spec(), indent=2).encode() + b"\n")
-  return _report(config, stats, inputs, npz)
+  report = _report(config, stats, inputs, npz)
+  all_stats = [s for split in sorted(stats) for s in stats[split]]
+  report["_timing"] = {
+      "npz_seconds": round(npz_seconds, 3),
+      # Summed over shards (over workers: CPU-ish seconds, not wall time).
+      "make_seconds": round(sum(s["seconds"]["make"] for s in all_stats), 3),
+      "label_seconds": round(sum(s["seconds"]["label"] for s in all_stats), 3),
+      "label_cpu_seconds": round(sum(s["seconds"]["label_cpu"] for s in all_stats), 3),
+      "write_seconds": round(sum(s["seconds"]["write"] for s in all_stats), 3),
+      "label_bytes": int(report["triplets_total"]) * 3 * int(inputs.vectors.shape[1]) * inputs.vectors.itemsize,
+  }
+  return report
+
+
+def _read_parts(writer: artifacts.ArtifactWriter, split: str, count: int, name: str) -> Iterator[bytes]:
+  for i in range(count):
+    with writer.open(_npz_part(split, i, name), "rb") as f:
+      while chunk := f.read(1 << 24):
+        yield chunk
 
 
 def _report(config, stats, inputs: TripletInputs, npz) -> dict[str, Any]:

@@ -94,3 +94,16 @@ def test_cluster_stage_writes_clusters_elbow_and_report(tmp_path):
   art3 = artifacts.run_stage("cluster", str(tmp_path / "c3"), fixed, cluster_stage.input_urls(fixed),
                              lambda w: cluster_stage.run(fixed, w), log=lambda s: None)
   assert art3.report["k"] == 3 and art3.report["chosen_by"] == "fixed" and "elbow.png" not in art3.files
+
+
+def test_bounded_memory_loader_reads_what_embeddings_load_reads(tmp_path):
+  x, labels = _planted(n=1300)
+  art = _embeddings_artifact(str(tmp_path / "embed"), x, labels)  # 3 shards of 500 ids.
+  a, b = clustering.load_embeddings(art.url, "pool"), embeddings.load(art.url, "pool")
+  for key in ("ids", "labels", "file_names", "vectors"):
+    np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    assert getattr(a, key).dtype == getattr(b, key).dtype, key
+  with pytest.raises(KeyError, match="has \\['pool'\\]"):
+    clustering.load_embeddings(art.url, "things")
+  t = Transform(np.eye(16, dtype=np.float32) * 2, np.ones(16, np.float32))
+  np.testing.assert_allclose(clustering.transform_rows(t, x, block=77), t.apply(x), rtol=1e-6)

@@ -87,3 +87,18 @@ def test_records_carry_source_ids_file_names_labels_and_clusters():
   np.testing.assert_array_equal(rec["file_names"], names[out["positions"]])
   np.testing.assert_array_equal(rec["clusters"], clusters[out["positions"]])
   assert (labelling.to_records(out, np.arange(10), "random", ids, names, labels, None)["clusters"] == -1).all()
+
+
+def test_compiled_similarities_match_float64_and_check_their_inputs():
+  vectors, triplets = _data(n=300, d=70)
+  ref = triplet_math.pair_similarities(vectors[triplets].astype(np.float64))
+  got = labelling.rowwise_similarities(vectors, triplets)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+  # float64 or strided inputs are converted, and give the same float32 results.
+  np.testing.assert_array_equal(labelling.rowwise_similarities(vectors.astype(np.float64), triplets), got)
+  np.testing.assert_array_equal(labelling.rowwise_similarities(np.asfortranarray(vectors), triplets), got)
+  with pytest.raises(ValueError, match=r"Row positions must lie in \[0, 300\)"):
+    labelling.rowwise_similarities(vectors, np.array([[0, 1, 300]]))
+  with pytest.raises(ValueError, match="shape"):
+    labelling.rowwise_similarities(vectors, np.array([0, 1, 2]))

@@ -113,3 +113,50 @@ def test_publish_stage_records_where_it_published(tmp_path):
   assert json.loads((tmp_path / "publish" / "publication.json").read_text())["files"] == art.report["files"]
   with pytest.raises(ValueError, match="--to"):
     publish_stage.input_urls(publish_stage.default_config() | {"source": src.url})
+
+
+def test_cli_publishes_without_out_and_refuses_the_same_version_clearly(tmp_path, capsys):
+  from pipelines import cli
+  src = _source(str(tmp_path / "src"))
+  argv = ["publish", "--from", src.url, "--to", f"file://{tmp_path}/bucket", "--name", "alignet", "--version",
+          "0.1.0"]
+  assert cli.main(argv) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["published_to"] == f"file://{tmp_path}/bucket/alignet/0.1.0" and not out["already_published"]
+  publishing.verify(out["published_to"])
+  assert cli.main(argv) == 1
+  err = capsys.readouterr().err
+  assert "alignet publish: error:" in err and "already exists" in err and "new --version" in err
+  # --out additionally records the publication as a publish artifact (what the chain does).
+  assert cli.main(argv[:-1] + ["0.2.0", "--out", str(tmp_path / "record")]) == 0
+  assert artifacts.load(str(tmp_path / "record")).report["version"] == "0.2.0"
+
+
+def test_card_lists_sample_triplets_and_says_when_images_are_unavailable(tmp_path):
+  from alignet_data import embeddings, shards
+
+  def emb(writer):
+    entry = embeddings.write_split(writer, "pool", np.arange(4), np.zeros(4), [f"n0_{i}.JPEG" for i in range(4)],
+                                   np.eye(4, dtype=np.float32), ids_per_shard=8, source="tfds:imagenet2012:train")
+    embeddings.write_index(writer, {"pool": entry})
+    return {}
+
+  emb_art = artifacts.run_stage("embed", str(tmp_path / "embed"), {}, {}, emb, log=lambda s: None)
+
+  def trip(writer):
+    cols = {"triplet_id": np.arange(2), "strategy": np.array(["random", "random"]),
+            "indices": np.array([[0, 1, 2], [1, 2, 3]]), "file_names": np.array([["a", "b", "c"], ["b", "c", "d"]]),
+            "labels": np.zeros((2, 3), np.int64), "clusters": -np.ones((2, 3), np.int64),
+            "similarities": np.array([[0.5, 0.2, 0.1]] * 2, np.float32),
+            "soft_label": np.array([[0.4, 0.31, 0.29]] * 2, np.float32), "entropy": np.ones(2, np.float32)}
+    shards.write_parquet(writer.path("shards/train-00000-of-00001.parquet"), cols)
+    return {"splits": {"train": 2}, "strategies": {"random": 2}}
+
+  src = artifacts.run_stage("triplets", str(tmp_path / "src"), {"embeddings": emb_art.url, "split": "pool"}, {},
+                            trip, log=lambda s: None)
+  out = publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
+  card = (tmp_path / "bucket" / "alignet" / "0.1.0" / "README.md").read_text()
+  assert "## Sample triplets" in card and "| `random` | `a` | `b` | `c` | [0.400, 0.310, 0.290] |" in card
+  assert "No picture: the images of source `tfds:imagenet2012:train` are not available" in card
+  assert not (tmp_path / "bucket" / "alignet" / "0.1.0" / publishing.SAMPLES_PLOT).exists()
+  assert out["files"] == len(src.files) + 1  # + README.md (no histogram in this report, no grid)

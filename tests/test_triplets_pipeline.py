@@ -1,4 +1,6 @@
 """The `triplets` Beam pipeline end to end (cluster -> triplets -> publish) on a small synthetic embeddings store."""
+import json
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,75 @@ def test_publish_the_triplets_and_read_them_back(world, triplets):
   assert published.manifest["publication"]["source_digest"] == triplets.digest
   np.testing.assert_array_equal(shards.read_split(published, "valid")["indices"],
                                 shards.read_split(triplets, "valid")["indices"])
+
+
+def test_card_of_demo_world_triplets_shows_their_images(tmp_path):
+  """The dataset card's grid: the demo world's pool images of sample triplets, per strategy."""
+  from alignet_data import demo_world
+  from pipelines import world_stage
+  wconf = world_stage.default_config() | {"images_per_class": 3, "things_train": 60, "things_test": 30,
+                                          "levels_per_level": 6}
+  world = artifacts.run_stage("world", str(tmp_path / "world"), wconf, {}, lambda w: world_stage.run(wconf, w),
+                              log=_quiet)
+  w = demo_world.load(world.url)
+  n = len(w.pool_images)
+
+  def embed(writer):
+    vectors = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    entry = embeddings.write_split(writer, "pool", np.arange(n), w.pool_labels, w.pool_file_names, vectors,
+                                   ids_per_shard=4096, source=f"demo:{world.url}:pool")
+    embeddings.write_index(writer, {"pool": entry})
+    return {}
+
+  emb = artifacts.run_stage("embed", str(tmp_path / "embed"), {}, {}, embed, log=_quiet)
+  config = tp.default_config() | {"embeddings": emb.url, "strategy": "random:1,class_boundary:1", "num": 40,
+                                  "num_valid": 0, "num_shards": 1, "formats": ["parquet"]}
+  trip = _run(config, tmp_path / "triplets")
+  out = publishing.publish(trip.url, str(tmp_path / "bucket"), "demo", "0.1.0", log=_quiet)
+  dest = tmp_path / "bucket" / "demo" / "0.1.0"
+  assert (dest / publishing.SAMPLES_PLOT).read_bytes()[:4] == b"\x89PNG"
+  card = (dest / "README.md").read_text()
+  assert f"![sample triplets per strategy]({publishing.SAMPLES_PLOT})" in card
+  assert card.count("| `random` |") == card.count("| `class_boundary` |") == publishing.SAMPLES_PER_STRATEGY
+  assert out["files"] == len(trip.files) + 3  # README.md, the entropy histogram, the grid
+
+
+def test_reduced_imagenet_scale_benchmark_reports_its_figures(tmp_path):
+  """bench/imagenet_scale.py end to end at a reduced size (the full size is run by hand; see its docstring)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "bench" / "imagenet_scale.py"
+  spec = importlib.util.spec_from_file_location("imagenet_scale", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = tmp_path / "b.json"
+  result = bench.main(["--n", "20000", "--d", "32", "--classes", "50", "--k", "20", "--num", "20000",
+                       "--num-valid", "1000", "--num-shards", "2", "--workers", "1", "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+  for stage in ("setup", "cluster", "triplets"):
+    assert result["stages"][stage]["seconds"] > 0 and result["stages"][stage]["peak_rss_gb"] > 0
+  assert result["stages"]["triplets"]["triplets"] == 21000 and result["stages"]["cluster"]["k"] == 20
+  assert 0 < result["labelling_floor_fraction"] == result["stages"]["triplets"]["labelling_floor_fraction"]
+
+
+@pytest.mark.slow
+def test_benchmark_at_the_issue_reduced_size(tmp_path):
+  """100k x 64 embeddings, 10^5 cluster-boundary triplets: the issue's reduced benchmark, all formats."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "bench" / "imagenet_scale.py"
+  spec = importlib.util.spec_from_file_location("imagenet_scale", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  result = bench.main(["--n", "100000", "--d", "64", "--k", "50", "--num", "100000", "--num-shards", "4",
+                       "--out", str(tmp_path / "b.json")])
+  assert result["stages"]["triplets"]["triplets"] == 110000
+  assert result["targets_met"]["total_seconds"] and result["targets_met"]["peak_rss_gb"]
+
+
+@pytest.mark.slow
+def test_same_bytes_in_multi_processing_mode(world, triplets, tmp_path):
+  """Worker processes (each loading its own inputs) write the bytes of the in-process runner."""
+  _, _, _, config = world
+  other = _run(config, tmp_path / "mp", ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  assert _data_hashes(other) == _data_hashes(triplets)

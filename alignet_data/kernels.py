@@ -1,0 +1,234 @@
+"""Compiled (numba) kernels of the hot loops: triplet similarities, tf.train.Example encoding, TFRecord scans.
+
+Imported lazily by `labelling` and `shards` (numba's import and the first call's cache load cost ~1 s), and
+compiled once per machine (cached next to this file). Each replaces a numpy/Python path that allocated or looped
+per element: see bench/imagenet_scale.py for the figures.
+"""
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+jit = functools.partial(numba.njit, cache=True, boundscheck=False, nogil=True)
+
+
+# ------------------------------------------------------------------------------------------ Triplet similarities
+
+# One pass per triplet reads its three embedding rows once, straight from the matrix, and accumulates the three
+# dot products together: no gathered (m, 3, d) copy, no temporaries. On ImageNet-sized data this is memory
+# bound; the gather + einsum it replaces spent most of its time allocating and copying. Products of float32 are
+# exact in float64 and the sum is rounded to float32 once, so the (vectorised, reassociated) summation order
+# moves a result by far less than a float32 ulp: the same bytes on any CPU almost always, and always the same
+# bytes for a triplet wherever it sits in a block (rows are independent).
+@numba.njit(fastmath={"reassoc", "contract", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def pair_dots(vectors, positions, out):  # pragma: no cover (compiled)
+  d = vectors.shape[1]
+  for t in range(positions.shape[0]):
+    a, b, c = positions[t, 0], positions[t, 1], positions[t, 2]
+    s01 = 0.0
+    s02 = 0.0
+    s12 = 0.0
+    for i in range(d):
+      x = numba.float64(vectors[a, i])
+      y = numba.float64(vectors[b, i])
+      z = numba.float64(vectors[c, i])
+      s01 += x * y
+      s02 += x * z
+      s12 += y * z
+    out[t, 0] = s01
+    out[t, 1] = s02
+    out[t, 2] = s12
+
+
+# ------------------------------------------------------------------------------------------ tf.train.Example
+
+# protobuf's deterministic serialisation of tf.train.Example written byte by byte (map entries sorted by key,
+# packed numeric lists, as protobuf does), with the TFRecord framing and crc32c in the same pass.
+_KIND_TAG = (0x1A, 0x12, 0x0A)  # Feature.int64_list, .float_list, .bytes_list (kind codes 0, 1, 2)
+
+
+@jit
+def vlen(v):  # pragma: no cover (compiled)
+  n = 1
+  while v >= 128:
+    v >>= 7
+    n += 1
+  return n
+
+
+@jit
+def put(buf, pos, v):  # pragma: no cover
+  while v >= 128:
+    buf[pos] = (v & 0x7F) | 0x80
+    v >>= 7
+    pos += 1
+  buf[pos] = v
+  return pos + 1
+
+
+@jit
+def crc_table():  # pragma: no cover
+  table = np.empty(256, np.uint32)
+  for i in range(256):
+    c = np.uint32(i)
+    for _ in range(8):
+      c = (c >> np.uint32(1)) ^ np.uint32(0x82F63B78) if c & np.uint32(1) else c >> np.uint32(1)
+    table[i] = c
+  return table
+
+
+@jit
+def masked_crc(buf, start, stop, table):  # pragma: no cover
+  c = np.uint32(0xFFFFFFFF)
+  for i in range(start, stop):
+    c = table[(c ^ np.uint32(buf[i])) & np.uint32(0xFF)] ^ (c >> np.uint32(8))
+  c = c ^ np.uint32(0xFFFFFFFF)
+  return (((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(0xA282EAD8)) & np.uint32(0xFFFFFFFF)
+
+
+@jit
+def sizes(r, ints, floats, str_len, n_str, kinds, widths, cols, key_len, fe, el):  # pragma: no cover
+  total = 0
+  for f in range(kinds.shape[0]):
+    k, w, c = kinds[f], widths[f], cols[f]
+    if k == 0:
+      p = 0
+      for j in range(w):
+        p += vlen(ints[r, c + j])
+      body = 1 + vlen(p) + p
+    elif k == 1:
+      body = 1 + vlen(4 * w) + 4 * w
+    else:
+      body = 0
+      for j in range(w):
+        n = str_len[r * n_str + c + j]
+        body += 1 + vlen(n) + n
+    fe[f] = 1 + vlen(body) + body
+    el[f] = 2 + key_len[f] + 1 + vlen(fe[f]) + fe[f]
+    total += 1 + vlen(el[f]) + el[f]
+  return total
+
+
+@jit
+def encode_examples(ints, floats, str_bytes, str_off, n_str, kinds, widths, cols, keys, key_off, framed):
+  m = ints.shape[0]
+  nf = kinds.shape[0]
+  key_len = key_off[1:] - key_off[:-1]
+  str_len = str_off[1:] - str_off[:-1]
+  fe = np.empty(nf, np.int64)
+  el = np.empty(nf, np.int64)
+  lengths = np.empty(m, np.int64)
+  extra = 16 if framed else 0
+  total = 0
+  for r in range(m):
+    features = sizes(r, ints, floats, str_len, n_str, kinds, widths, cols, key_len, fe, el)
+    lengths[r] = 1 + vlen(features) + features
+    total += lengths[r] + extra
+  buf = np.empty(total, np.uint8)
+  table = crc_table()
+  pos = 0
+  for r in range(m):
+    features = sizes(r, ints, floats, str_len, n_str, kinds, widths, cols, key_len, fe, el)
+    if framed:
+      n = lengths[r]
+      for b in range(8):
+        buf[pos + b] = (n >> (8 * b)) & 0xFF
+      crc = masked_crc(buf, pos, pos + 8, table)
+      for b in range(4):
+        buf[pos + 8 + b] = (crc >> np.uint32(8 * b)) & np.uint32(0xFF)
+      pos += 12
+    start = pos
+    buf[pos] = 0x0A
+    pos = put(buf, pos + 1, features)
+    for f in range(nf):
+      k, w, c = kinds[f], widths[f], cols[f]
+      buf[pos] = 0x0A
+      pos = put(buf, pos + 1, el[f])
+      buf[pos] = 0x0A
+      buf[pos + 1] = key_len[f]
+      pos += 2
+      for j in range(key_len[f]):
+        buf[pos + j] = keys[key_off[f] + j]
+      pos += key_len[f]
+      buf[pos] = 0x12
+      pos = put(buf, pos + 1, fe[f])
+      buf[pos] = _KIND_TAG[k]
+      if k == 0:
+        p = 0
+        for j in range(w):
+          p += vlen(ints[r, c + j])
+        pos = put(buf, pos + 1, 1 + vlen(p) + p)
+        buf[pos] = 0x0A
+        pos = put(buf, pos + 1, p)
+        for j in range(w):
+          pos = put(buf, pos, ints[r, c + j])
+      elif k == 1:
+        pos = put(buf, pos + 1, 1 + vlen(4 * w) + 4 * w)
+        buf[pos] = 0x0A
+        pos = put(buf, pos + 1, 4 * w)
+        for j in range(w):
+          bits = floats[r, c + j]
+          for b in range(4):
+            buf[pos + b] = (bits >> np.uint32(8 * b)) & np.uint32(0xFF)
+          pos += 4
+      else:
+        body = 0
+        for j in range(w):
+          n = str_len[r * n_str + c + j]
+          body += 1 + vlen(n) + n
+        pos = put(buf, pos + 1, body)
+        for j in range(w):
+          s = r * n_str + c + j
+          buf[pos] = 0x0A
+          pos = put(buf, pos + 1, str_len[s])
+          for b in range(str_len[s]):
+            buf[pos + b] = str_bytes[str_off[s] + b]
+          pos += str_len[s]
+    if framed:
+      crc = masked_crc(buf, start, pos, table)
+      for b in range(4):
+        buf[pos + b] = (crc >> np.uint32(8 * b)) & np.uint32(0xFF)
+      pos += 4
+  return buf, lengths
+
+
+@jit
+def scan_tfrecord(buf):  # pragma: no cover (compiled)
+  """Walk the framing, checking both crc32c of every record: (records, error code, byte of the error)."""
+  table = crc_table()
+  pos = 0
+  count = 0
+  n_bytes = buf.shape[0]
+  while pos < n_bytes:
+    if pos + 12 > n_bytes:
+      return count, 1, pos
+    c = np.uint32(0xFFFFFFFF)
+    for i in range(pos, pos + 8):
+      c = table[(c ^ np.uint32(buf[i])) & np.uint32(0xFF)] ^ (c >> np.uint32(8))
+    c ^= np.uint32(0xFFFFFFFF)
+    masked = (((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(0xA282EAD8)) & np.uint32(0xFFFFFFFF)
+    stored = np.uint32(0)
+    for b in range(4):
+      stored |= np.uint32(buf[pos + 8 + b]) << np.uint32(8 * b)
+    if masked != stored:
+      return count, 2, pos
+    n = 0
+    for b in range(8):
+      n |= np.int64(buf[pos + b]) << (8 * b)
+    if n < 0 or pos + 16 + n > n_bytes:
+      return count, 3, pos
+    c = np.uint32(0xFFFFFFFF)
+    for i in range(pos + 12, pos + 12 + n):
+      c = table[(c ^ np.uint32(buf[i])) & np.uint32(0xFF)] ^ (c >> np.uint32(8))
+    c ^= np.uint32(0xFFFFFFFF)
+    masked = (((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(0xA282EAD8)) & np.uint32(0xFFFFFFFF)
+    stored = np.uint32(0)
+    for b in range(4):
+      stored |= np.uint32(buf[pos + 12 + n + b]) << np.uint32(8 * b)
+    if masked != stored:
+      return count, 4, pos
+    pos += 16 + n
+    count += 1
+  return count, 0, pos
