@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data import alignment, artifacts, object_features, things
+from pipelines import stages
 
 STAGE = "align"
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "load_features"]
@@ -76,12 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-  config = default_config()
-  for key in config:
-    value = getattr(args, key, None)
-    if value is not None:
-      config[key] = list(value) if isinstance(value, tuple) else value
-  return config
+  config = stages.apply_flags(default_config(), args)
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from alignet_data import artifacts, clustering, embeddings
 from alignet_data.transform import Transform
+from pipelines import stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run"]
 
@@ -51,11 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-  config = default_config()
-  for key in config:
-    value = getattr(args, key, None)
-    if value is not None:
-      config[key] = value
+  config = stages.apply_flags(default_config(), args)
   if isinstance(config["k_grid"], str):
     config["k_grid"] = [int(v) for v in config["k_grid"].split(",") if v.strip()]
   return config

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignet_data import artifacts, publishing
+from pipelines import stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "command"]
 
@@ -44,12 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-  config = default_config()
-  for key in config:
-    value = getattr(args, key, None)
-    if value is not None:
-      config[key] = value
-  return config
+  return stages.apply_flags(default_config(), args)
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
@@ -72,7 +68,6 @@ def command(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
   config = config_from_args(args)
   input_urls(config)
   if args.out:
-    from pipelines import stages
     art = stages.run(STAGE, config, args.out, beam_args=beam_args, force=args.force)
     result = art.report
     print(f"{STAGE}: record in {art.url}")
