@@ -4,24 +4,15 @@ import io
 
 import numpy as np
 import pytest
+from conftest import tiny_world
 
 from alignet_data import artifacts, demo_world, embeddings, evaluation, levels, rsa, triplet_math
 from pipelines import evaluate_stage
 
 
-def _world(path, images_per_class):
-  cfg = demo_world.WorldConfig(n_super=3, n_basic_per_super=2, n_sub_per_basic=2, images_per_class=images_per_class,
-                               things_train=100, things_test=80, levels_per_level=40)
-
-  def fn(writer):
-    demo_world.save(demo_world.make_world(cfg), writer)
-    return {}
-  return artifacts.run_stage("world", str(path / "world"), {"t": 1}, {}, fn, log=lambda _: None).url
-
-
 @pytest.fixture(scope="module")
 def world_url(tmp_path_factory):
-  return _world(tmp_path_factory.mktemp("w"), 30)  # big enough that no Levels triplet is drawn twice
+  return tiny_world(tmp_path_factory.mktemp("w"), 30)  # big enough that no Levels triplet is drawn twice
 
 
 def _embed_artifact(url, world, pool_vectors, things_vectors):

@@ -2,19 +2,10 @@
 embeds like a hand computation, and runs through `evaluate`."""
 import numpy as np
 import pytest
+from conftest import tiny_world
 
 from alignet_data import artifacts, demo_world
 from pipelines import evaluate_stage
-
-
-def _world(path, images_per_class):
-  cfg = demo_world.WorldConfig(n_super=3, n_basic_per_super=2, n_sub_per_basic=2, images_per_class=images_per_class,
-                               things_train=100, things_test=80, levels_per_level=40)
-
-  def fn(writer):
-    demo_world.save(demo_world.make_world(cfg), writer)
-    return {}
-  return artifacts.run_stage("world", str(path / "world"), {"t": 1}, {}, fn, log=lambda _: None).url
 
 
 def _run(config, out):
@@ -48,7 +39,7 @@ def test_savedmodel_with_the_released_signature_loads_and_evaluates(tmp_path):
   w = _export_savedmodel(tmp_path / "sm")
   enc = savedmodel.load(str(tmp_path / "sm"))
   assert enc.dim == 8 and enc.image_size == 224
-  world_url = _world(tmp_path, 5)  # few images: each is resized to 224 px
+  world_url = tiny_world(tmp_path, 5)  # few images: each is resized to 224 px
   world = demo_world.load(world_url)
   images = world.things_images[:5]
   x = preprocessing.preprocess(images, 224, "student")  # cubic resize to 224, values in [0, 1]
