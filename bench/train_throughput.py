@@ -7,9 +7,10 @@ own images/s, for the tiny demo student on CPU by default, or any ViT config on 
 
 The train step is the trainer's own (`train.compiled_steps`: KL loss, clip -> Adam -> decay to init -> lr,
 data-parallel over all devices); inputs are fixed random batches already on device, so this measures the model.
-The input figure times `input_pipeline.triplet_images` (id lookup + the student's preprocess) on one host
-thread, on demo-world-sized uint8 images (resized when --source-size differs from the model's image size).
-Prints one JSON object.
+The input figures time the trainer's real Grain pipeline (`input_pipeline.train_dataset`: shuffled rows -> id
+lookup -> the student's preprocess) with no model: wall-clock images/s over --input-batches batches drawn from
+the iterator, once per thread count in --input-threads (0 = in the consumer's thread), on uint8 images of
+--source-size (default: the model's size; the demo world's images are 32 px). Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--peak-tflops", type=float, default=0.0,
                       help="the device's peak (e.g. 989 for an H100/H200 in bf16) -> model FLOP utilisation")
   parser.add_argument("--source-size", type=int, default=0, help="stored image size (default: the model's)")
-  parser.add_argument("--input-batches", type=int, default=10)
+  parser.add_argument("--input-batches", type=int, default=20, help="batches timed per input configuration")
+  parser.add_argument("--input-threads", default="0,2", help="comma-separated Grain thread counts to time")
   args = parser.parse_args(argv)
 
   import jax
@@ -81,18 +83,23 @@ def main(argv: list[str] | None = None) -> dict:
   jax.block_until_ready(state)
   step_s = (time.perf_counter() - t) / args.steps
 
-  # The input pipeline alone: ids -> uint8 images -> the student's preprocess, as the producer thread runs it.
+  # The input pipeline alone, as the trainer builds it: Grain rows -> images -> the student's preprocess.
   src_size = args.source_size or size
   pool = rng.integers(0, 256, (4096, src_size, src_size, 3), dtype=np.uint8)
   images = input_pipeline.ArrayImages(pool)
-  data = input_pipeline.Triplets(rng.integers(0, len(pool), (args.batch * args.input_batches, 3)),
-                                 rng.normal(size=(args.batch * args.input_batches, 3)).astype(np.float32))
-  batches = list(input_pipeline.train_batches(data, args.batch, seed=0, num_steps=args.input_batches))
-  input_pipeline.triplet_images(batches[0][0], images, model.preprocess)  # warm-up (jit of a resize)
-  t = time.perf_counter()
-  for idx, _ in batches:
-    input_pipeline.triplet_images(idx, images, model.preprocess)
-  input_s = time.perf_counter() - t
+  n_rows = args.batch * 50
+  data = input_pipeline.Triplets(rng.integers(0, len(pool), (n_rows, 3)),
+                                 rng.normal(size=(n_rows, 3)).astype(np.float32))
+  input_pipeline.triplet_images(data.indices[:args.batch], images, model.preprocess)  # warm-up (resize weights)
+  input_rates = {}
+  for threads in (int(t) for t in args.input_threads.split(",")):
+    ds = input_pipeline.train_dataset(data, images, model.preprocess, batch_size=args.batch, seed=0,
+                                      stop_step=args.input_batches, threads=threads, prefetch=max(2 * threads, 2))
+    t = time.perf_counter()  # From an empty buffer to the last batch: nothing is made before the clock starts.
+    it = iter(ds)
+    made = sum(len(batch["images"]) * 3 for batch in it)
+    input_rates[f"input_images_per_second_{threads}_threads"] = round(made / (time.perf_counter() - t), 1)
+    it.close()
 
   result = {
       "model": model.config.get("name", args.model), "image_size": size, "batch_triplets": args.batch,
@@ -100,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
       "device_kind": jax.devices()[0].device_kind, "compute_dtype": dtype.name, "head_dim": head,
       "compile_seconds": round(compile_s, 2), "train_steps_per_second": round(1 / step_s, 3),
       "train_images_per_second": round(3 * args.batch / step_s, 1),
-      "input_images_per_second": round(3 * args.batch * args.input_batches / input_s, 1),
-      "input_source_size": src_size, "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+      **input_rates, "input_source_size": src_size, "load_average": os.getloadavg()[0],
+      "cpu_count": os.cpu_count(),
       "loss": float(jnp.asarray(metrics["loss"])),
   }
   if flops:

@@ -110,17 +110,77 @@ def test_full_optimizer_decays_to_init_and_respects_warmup():
   np.testing.assert_array_equal(optax.apply_updates(moved, updates)["w"], moved["w"])
 
 
-def test_batches_are_a_function_of_seed_and_step(shards_url):
+def test_batches_are_a_function_of_seed_and_step(shards_url, tiny_model):
   data = input_pipeline.read_triplets(artifacts.load(shards_url), "train")
   assert data.indices.shape == (256, 3) and data.similarities.dtype == np.float32
-  straight = list(input_pipeline.train_batches(data, 32, seed=3, num_steps=20))
-  resumed = list(input_pipeline.train_batches(data, 32, seed=3, start_step=13, num_steps=7))
-  for (a, _), (b, _) in zip(straight[13:], resumed, strict=True):
-    np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(straight[9][0], data.indices[input_pipeline.batch_rows(256, 32, 3, 9)])
-  epoch0 = np.concatenate([b[0] for b in straight[:8]])  # one epoch = every triplet once
-  assert sorted(map(tuple, epoch0)) == sorted(map(tuple, data.indices))
-  assert not np.array_equal(straight[0][0], straight[8][0])  # a new order each epoch
+  source = input_pipeline.ArrayImages(_images()[0])
+
+  def batches(seed=3, start=0, stop=20, threads=0, **kw):
+    return list(input_pipeline.train_dataset(data, source, tiny_model.preprocess, batch_size=32, seed=seed,
+                                             start_step=start, stop_step=stop, threads=threads, prefetch=4, **kw))
+
+  straight = batches(threads=2)  # worker threads keep the order
+  resumed = batches(start=13)
+  assert len(straight) == 20 and len(resumed) == 7
+  for a, b in zip(straight[13:], resumed, strict=True):
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["similarities"], b["similarities"])
+  rows = input_pipeline.train_rows(len(data), 32, seed=3)
+  np.testing.assert_array_equal(straight[9]["similarities"], data.similarities[rows[9]])
+  np.testing.assert_array_equal(straight[9]["images"],
+                                input_pipeline.triplet_images(data.indices[rows[9]], source, tiny_model.preprocess))
+  epoch0, epoch1 = (np.concatenate([rows[i] for i in range(e * 8, e * 8 + 8)]) for e in (0, 1))
+  np.testing.assert_array_equal(np.sort(epoch0), np.arange(256))  # one epoch = every triplet once
+  np.testing.assert_array_equal(np.sort(epoch1), np.arange(256))
+  assert not np.array_equal(epoch0, epoch1)  # a new order each epoch
+  other = input_pipeline.train_rows(len(data), 32, seed=4)
+  assert not np.array_equal(rows[0], other[0])  # another seed, another order
+
+  # 250 rows in batches of 32: 7 batches an epoch, 26 rows dropped (a different 26 each epoch).
+  short = input_pipeline.train_rows(250, 32, seed=0)
+  for e in range(2):
+    epoch = np.concatenate([short[i] for i in range(e * 7, e * 7 + 7)])
+    assert len(np.unique(epoch)) == 224 and epoch.max() < 250
+
+  # Two hosts each load their half of the same global batch.
+  halves = [batches(stop=2, process_index=i, process_count=2)[1] for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["images"] for h in halves]), straight[1]["images"])
+  assert straight[1]["seconds"] > 0 and straight[1]["mask"].min() == 1.0
+
+  with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
+    input_pipeline.train_rows(256, 32, seed=2**32)
+  with pytest.raises(ValueError, match="seed must be"):
+    input_pipeline.check_seed(-1)
+  with pytest.raises(ValueError, match="batch_size 300"):
+    input_pipeline.train_rows(256, 300, seed=0)
+
+
+@pytest.mark.slow
+def test_worker_processes_make_the_same_batches_in_the_same_order(shards_url, tiny_model):
+  """input_processes > 0 (Grain mp_prefetch: spawned workers, each every other batch) changes nothing."""
+  data = input_pipeline.read_triplets(artifacts.load(shards_url), "train")
+  source = input_pipeline.ArrayImages(_images()[0])
+  kw = {"batch_size": 32, "seed": 1, "start_step": 5, "stop_step": 15}
+  ref = [b["images"] for b in input_pipeline.train_dataset(data, source, tiny_model.preprocess, **kw)]
+  it = iter(input_pipeline.train_dataset(data, source, tiny_model.preprocess, processes=2, threads=1, **kw))
+  count = 0
+  try:
+    for batch in it:
+      np.testing.assert_array_equal(batch["images"], ref[count])
+      count += 1
+  finally:
+    it.close()
+  assert count == len(ref)
+
+
+def test_eval_batches_cover_every_triplet_once_with_a_mask(shards_url, tiny_model):
+  data = input_pipeline.read_triplets(artifacts.load(shards_url), "valid")  # 64 triplets
+  source = input_pipeline.ArrayImages(_images()[0])
+  got = list(input_pipeline.eval_dataset(data, source, tiny_model.preprocess, batch_size=48, threads=2))
+  assert [len(b["similarities"]) for b in got] == [48, 48]  # one compiled shape
+  mask = np.concatenate([b["mask"] for b in got])
+  np.testing.assert_array_equal(mask, np.r_[np.ones(64), np.zeros(32)])
+  np.testing.assert_array_equal(np.concatenate([b["similarities"] for b in got])[:64], data.similarities)
 
 
 def test_bad_indices_and_missing_shards_fail_clearly(shards_url):
@@ -159,6 +219,80 @@ def test_training_reduces_the_loss_exports_and_resumes(shards_url, tiny_model, t
   b = models.load_checkpoint(str(tmp_path / "b" / "student.npz"))
   for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(leaf_a, leaf_b)
+
+
+def test_workdir_on_memory_fs_writes_resumes_and_loads(shards_url, tiny_model, tmp_path):
+  """A memory:// workdir (an object store: no appends) with local orbax checkpoints: train, resume, load."""
+  import fsspec
+  source = input_pipeline.ArrayImages(_images()[0])
+  work = f"memory://test-trainer-{tmp_path.name}/run"
+  cfg = {**CONFIG, "shards": shards_url, "hooks": [], "steps": 4, "checkpoint_every": 2}
+  with pytest.raises(ValueError, match="set checkpoint_dir"):  # orbax cannot write memory://: said up front
+    train.train_and_evaluate(cfg, work, model=tiny_model, images=source, log=lambda _: None)
+  cfg["checkpoint_dir"] = str(tmp_path / "ckpt")
+  fs = fsspec.filesystem("memory")
+  try:
+    train.train_and_evaluate(cfg, work, model=tiny_model, images=source, log=lambda _: None)
+    out = train.train_and_evaluate({**cfg, "steps": 8}, work, model=tiny_model, images=source, log=lambda _: None)
+    assert out["resumed_from"] == 4 and out["steps_trained"] == 4 and out["input_images_per_second"] > 0
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["6", "8"]
+    root = work.removeprefix("memory://")
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    assert {"metrics.json", "metrics.jsonl", "student.json", "student.npz", "tensorboard"} <= names
+    rows = [json.loads(line) for line in fs.cat(f"{root}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert json.loads(fs.cat(f"{root}/metrics.json"))["val_loss"] == out["val_loss"]
+    event_files = sorted(fs.ls(f"{root}/tensorboard", detail=False))
+    # Run 1: header, before, rows 2 and 4, after; run 2 (resumed): header, rows 6 and 8, after.
+    assert [shards.count_tfrecord(fs.cat(p)) for p in event_files] == [5, 4]
+    student = train.load_student(work)
+    x = tiny_model.preprocess(_images()[0][:4])
+    assert not np.allclose(student.embed_fn(student.params, x), tiny_model.embed_fn(tiny_model.params, x))
+  finally:
+    fs.rm(f"/test-trainer-{tmp_path.name}", recursive=True)
+
+
+def test_checkpoint_directory_passes_gs_through_and_makes_local_paths_absolute(tmp_path, monkeypatch, capsys):
+  assert train.checkpoint_directory("gs://b/run") == "gs://b/run/checkpoints"  # a path function: no network
+  assert train.checkpoint_directory("gs://b/run/", "") == "gs://b/run/checkpoints"
+  assert train.checkpoint_directory("memory://x/run", "gs://b/ckpt") == "gs://b/ckpt"
+  assert train.checkpoint_directory(f"file://{tmp_path}/w") == f"{tmp_path}/w/checkpoints"
+  monkeypatch.chdir(tmp_path)
+  assert train.checkpoint_directory("w") == f"{tmp_path}/w/checkpoints"
+  for url in ("memory://x/run", "s3://b/run"):
+    with pytest.raises(ValueError, match="set checkpoint_dir"):
+      train.checkpoint_directory(url)
+
+  from pipelines import cli
+  assert cli.main(["train", "--workdir", "gs://b/run", "--print-config"]) == 0  # a URL workdir is accepted
+  assert cli.main(["train", "--workdir", "memory://x/run", "--print-config"]) == 1
+  assert "set checkpoint_dir" in capsys.readouterr().err
+
+
+def test_log_files_append_locally_and_rewrite_whole_on_object_stores(tmp_path):
+  import fsspec
+
+  from trainer import events
+  local = events.LogFile(str(tmp_path / "logs" / "a.jsonl"), b"row0\n")
+  local.write(b"row1\n")
+  local.flush()
+  assert (tmp_path / "logs" / "a.jsonl").read_bytes() == b"row0\nrow1\n"  # visible at once
+  local.close()
+
+  fs = fsspec.filesystem("memory")
+  url = f"memory://test-logfile-{tmp_path.name}/b.jsonl"
+  try:
+    remote = events.LogFile(url, b"row0\n")
+    remote.write(b"row1\n")
+    remote.flush()  # rate-limited: a rewrite is a round trip
+    assert fs.cat(url) == b"row0\n"
+    remote.flush(force=True)
+    assert fs.cat(url) == b"row0\nrow1\n"
+    remote.write(b"row2\n")
+    remote.close()
+    assert fs.cat(url) == b"row0\nrow1\nrow2\n"
+  finally:
+    fs.rm(f"/test-logfile-{tmp_path.name}", recursive=True)
 
 
 def test_train_stage_flags_override_defaults_and_name_inputs():

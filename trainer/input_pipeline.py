@@ -1,23 +1,26 @@
-"""Input pipeline of the trainer: triplet shards -> deterministic batches -> preprocessed image triplets.
+"""Input pipeline of the trainer: triplet shards -> deterministic Grain batches -> preprocessed image triplets.
 
 Reads a split of triplets from any fsspec URL: the Parquet or TFRecord shards of a triplets artifact or a
 published version (after checking the shards' schema version and every file's sha256 against the manifest),
 or the released AligNet npz layout (`alignet_<split>.npz`, or `<transform>/<split>_<sampling>.npz`, with arrays
 `indices`/`similarities`/`filenames`). Only the two columns the loss needs (`indices`, `similarities`) stay in
-memory. Batches come in an order that is a pure function of (seed, step): epoch e is a permutation drawn from an
-RNG keyed by (seed, e), so a run resumed at step s sees exactly the batches a straight run would; each host
-loads only its slice of the global batch. Indices are joined to images through an image source (the demo world,
-an image folder, or a TFDS data source such as `imagenet2012`, by record index, which is what the released
-`indices` point into) and preprocessed with the student's own `preprocess` (its resize and value range).
+memory. Batches are a Grain `MapDataset` with random access by step, so the order is a pure function of
+(seed, step) and a run resumed at step s reads exactly the batches a straight run would (`train_rows`). Each
+host loads only its slice of the global batch. Indices are joined to images through an image source (the demo
+world, an image folder, or a TFDS data source such as `imagenet2012`, by record index, which is what the
+released `indices` point into) and preprocessed with the student's own `preprocess` (its resize and value
+range) on Grain's worker threads (optionally processes), ahead of the accelerator and in order.
 """
 from __future__ import annotations
 
 import dataclasses
-import queue
+import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import grain
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -38,7 +41,8 @@ class Triplets:
 
 
 class ImageSource(Protocol):
-  """Random access to uint8 RGB images by id."""
+  """Random access to uint8 RGB images by id; `get` runs on Grain's worker threads (so must be thread-safe) and
+  the source is pickled into worker processes when there are any."""
 
   def __len__(self) -> int: ...
 
@@ -107,24 +111,36 @@ class FileImages:
 class TfdsImages:
   """A TFDS image dataset through `tfds.data_source` (random access by record index: the released `indices`).
 
-  Reads one record at a time (batch reads fail under `tfds.testing.mock_data`); thread-safe enough for the
-  single producer thread of `prefetch`.
+  Reads one record at a time (batch reads fail under `tfds.testing.mock_data`). Grain's worker threads share
+  one opened source (array_record reads are thread-safe; the lazy open is locked); worker processes each open
+  their own, as pickling drops it.
   """
 
   def __init__(self, name: str, split: str, version: str | None = None, data_dir: str | None = None):
     self.name, self.split, self.version, self.data_dir = name, split, version, data_dir
     self._ds = None
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {k: v for k, v in self.__dict__.items() if k not in ("_ds", "_lock")}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state, _ds=None, _lock=threading.Lock())
 
   def _source(self) -> Any:
-    if self._ds is None:
-      import tensorflow_datasets as tfds  # Lazy: seconds to import.
-      name = f"{self.name}:{self.version}" if self.version else self.name
-      try:
-        self._ds = tfds.data_source(name, split=self.split, data_dir=self.data_dir, download=False)
-      except Exception as e:
-        raise OSError(f"Cannot open TFDS {name!r} split {self.split!r} (data_dir={self.data_dir!r}): {e}. Prepare "
-                      "it first (array_record format) or pass --tfds-data-dir.") from e
+    with self._lock:
+      if self._ds is None:
+        self._ds = self._open()
     return self._ds
+
+  def _open(self) -> Any:
+    import tensorflow_datasets as tfds  # Lazy: seconds to import.
+    name = f"{self.name}:{self.version}" if self.version else self.name
+    try:
+      return tfds.data_source(name, split=self.split, data_dir=self.data_dir, download=False)
+    except Exception as e:
+      raise OSError(f"Cannot open TFDS {name!r} split {self.split!r} (data_dir={self.data_dir!r}): {e}. Prepare it "
+                    "first (array_record format) or pass --tfds-data-dir.") from e
 
   def __len__(self) -> int:
     return len(self._source())
@@ -296,50 +312,6 @@ def check_indices(triplets: Triplets, images: ImageSource, what: str) -> None:
                      "the shards were made from another image set (check the `world`/split config).")
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-  """The order of epoch `epoch`: an RNG keyed by (seed, epoch), independent of how many steps came before."""
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_rows(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-  """Row numbers of training batch `step` (0-based). Epochs drop their last partial batch."""
-  per_epoch = n // batch_size
-  if per_epoch == 0:
-    raise ValueError(f"batch_size {batch_size} is larger than the {n} training triplets; lower batch_size.")
-  epoch, offset = divmod(step, per_epoch)
-  return epoch_permutation(n, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
-
-
-def train_batches(data: Triplets, batch_size: int, seed: int, start_step: int = 0,
-                  num_steps: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(indices (B, 3), similarities (B, 3)) for steps start_step, start_step + 1, ... (forever if num_steps None)."""
-  step = start_step
-  perm, perm_epoch = None, -1
-  per_epoch = len(data) // batch_size
-  if per_epoch == 0:
-    raise ValueError(f"batch_size {batch_size} is larger than the {len(data)} training triplets; lower batch_size.")
-  while num_steps is None or step < start_step + num_steps:
-    epoch, offset = divmod(step, per_epoch)
-    if epoch != perm_epoch:  # Same rows as batch_rows(), without redrawing the permutation every step.
-      perm, perm_epoch = epoch_permutation(len(data), seed, epoch), epoch
-    rows = perm[offset * batch_size:(offset + 1) * batch_size]
-    yield data.indices[rows], data.similarities[rows]
-    step += 1
-
-
-def eval_batches(data: Triplets, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Every triplet once, in order, as fixed-size batches (one compiled shape) with a 0/1 mask for padding."""
-  for start in range(0, len(data), batch_size):
-    idx = data.indices[start:start + batch_size]
-    sims = data.similarities[start:start + batch_size]
-    pad = batch_size - len(idx)
-    mask = np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)])
-    if pad:
-      idx = np.concatenate([idx, np.repeat(idx[-1:], pad, axis=0)])
-      sims = np.concatenate([sims, np.repeat(sims[-1:], pad, axis=0)])
-    yield idx, sims, mask
-
-
 def triplet_images(indices: np.ndarray, images: ImageSource,
                    preprocess: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
   """(B, 3) ids -> (B, 3, H, W, C) float32 preprocessed images (the student's own resize and value range)."""
@@ -360,36 +332,97 @@ def host_slice(rows: np.ndarray, process_index: int, process_count: int) -> np.n
   return rows[process_index * per:(process_index + 1) * per]
 
 
-def prefetch(iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:
-  """Produce the next `size` items on a background thread while the accelerator runs the current step."""
-  q: queue.Queue = queue.Queue(maxsize=size)
-  sentinel = object()
-  stop = threading.Event()
+# ---------------------------------------------------------------------------------------- batches (Grain)
 
-  def produce():
-    try:
-      for item in iterator:
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
-          return
-      q.put(sentinel)
-    except BaseException as e:  # Re-raised in the consumer, so a bad shard fails the run loudly.
-      q.put(e)
+SEED_RANGE = (0, 2**32 - 1)  # Grain's shuffle seeds are uint32 (it raises on anything else).
 
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if item is sentinel:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
+
+def check_seed(seed: int) -> int:
+  """The data-order seed, checked up front so that a bad one fails before the data and the model are loaded."""
+  if not isinstance(seed, int | np.integer) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+    raise ValueError(f"seed must be an integer in [0, 2**32 - 1] (Grain's shuffle seed range), got {seed!r}.")
+  return int(seed)
+
+
+def train_rows(n: int, batch_size: int, seed: int) -> grain.MapDataset:
+  """Row numbers of every training batch, forever, by random access: `ds[step]` holds the (batch_size,) int64
+  rows of step `step` (0-based), a pure function of (seed, step).
+
+  Grain's shuffle is a stateless permutation of indices (no buffer, no state to checkpoint); past the first epoch
+  it shuffles with seed + epoch, so each epoch is a fresh permutation of all n rows, whose last partial batch
+  `drop_remainder` drops. (So seeds s and s + 1 see the same epoch orders one epoch apart: vary seeds by more
+  than the number of epochs when runs must differ in every epoch.)
+  """
+  if batch_size <= 0 or n // batch_size == 0:
+    raise ValueError(f"batch_size {batch_size} must be in [1, {n}] (the number of training triplets).")
+  return (grain.MapDataset.range(n).shuffle(seed=check_seed(seed)).batch(batch_size, drop_remainder=True)
+          .repeat())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity hash, no elementwise array comparison.
+class LoadBatch(grain.transforms.Map):
+  """Rows of a global batch -> this host's slice, joined to preprocessed images.
+
+  Runs on Grain's workers, so it must be thread-safe and picklable. Row -1 marks padding (the last validation
+  batch): it loads row 0 and gets mask 0. Each element carries the seconds spent making it, so the input
+  pipeline's own speed is measured in whichever thread or process made it.
+  """
+  data: Triplets
+  images: ImageSource
+  preprocess: Callable[[np.ndarray], np.ndarray]
+  process_index: int = 0
+  process_count: int = 1
+
+  def map(self, element: np.ndarray) -> dict[str, Any]:
+    start = time.perf_counter()
+    rows = host_slice(np.asarray(element), self.process_index, self.process_count)
+    valid = rows >= 0
+    rows = np.where(valid, rows, 0)
+    return {"images": triplet_images(self.data.indices[rows], self.images, self.preprocess),
+            "similarities": self.data.similarities[rows], "mask": valid.astype(np.float32),
+            "seconds": time.perf_counter() - start}
+
+
+def _read(ds: grain.MapDataset, threads: int, prefetch: int, processes: int = 0) -> grain.IterDataset:
+  """Grain's readers: `threads` workers keep up to `prefetch` batches made ahead of the consumer, in order; with
+  `processes`, each of that many worker processes does so for every processes-th batch (still in order)."""
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(threads), prefetch_buffer_size=int(prefetch)))
+  if processes:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # Grain 0.2.18's mp_prefetch reads an absl flag, which raises unless flags were parsed (google/grain#1355,
+      # fixed upstream by #1362); our CLI is argparse, so take absl's defaults.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(processes)))
+  return it
+
+
+def train_dataset(data: Triplets, images: ImageSource, preprocess: Callable[[np.ndarray], np.ndarray], *,
+                  batch_size: int, seed: int, start_step: int = 0, stop_step: int | None = None, threads: int = 0,
+                  prefetch: int = 2, processes: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  """The batches of steps start_step .. stop_step - 1 (forever if None), as `LoadBatch` dicts: `images`
+  (B/hosts, 3, H, W, C) float32, `similarities` (B/hosts, 3), `mask`, `seconds`.
+
+  Slicing the random-access rows at the start step is the resume: nothing before it is read or made.
+  """
+  rows = train_rows(len(data), batch_size, seed)[start_step:stop_step]
+  load = LoadBatch(data, images, preprocess, process_index, process_count)
+  return _read(rows.map(load), threads, prefetch, processes)
+
+
+def _pad_rows(rows: np.ndarray, n: int) -> np.ndarray:
+  return np.where(rows < n, rows, -1)
+
+
+def eval_dataset(data: Triplets, images: ImageSource, preprocess: Callable[[np.ndarray], np.ndarray], *,
+                 batch_size: int, threads: int = 0, prefetch: int = 2, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """Every triplet once, in order, as fixed-size batches (one compiled shape); the last one padded, `mask` 0.
+
+  Threads only: worker processes would be started anew for every validation pass.
+  """
+  n = len(data)
+  rows = grain.MapDataset.range(-(-n // batch_size) * batch_size).batch(batch_size)
+  rows = rows.map(functools.partial(_pad_rows, n=n))
+  return _read(rows.map(LoadBatch(data, images, preprocess, process_index, process_count)), threads, prefetch)

@@ -4,9 +4,10 @@ Command line (resumes in place; one JSON config format, as every stage's config 
   alignet train --shards X --student demo-student --steps 200 --workdir W [--config c.json] [--set key=value]
 X is a triplets artifact, a published version, or a directory of the released `alignet_{train,valid}.npz`. The
 config is `train.DEFAULTS`, then the `--config` file, then `--set` pairs, then the flags; it is printed and kept
-in `W/config.json`. `W` gets `checkpoints/` (orbax; a rerun with more `--steps` resumes from the latest),
-`tensorboard/` (event files), `metrics.jsonl`, `metrics.json` (final `loss`, `val_triplet_accuracy`,
-`steps_per_second`, ...), and the fine-tuned encoder `student.npz` + `student.json`.
+in `W/config.json`. `W` is any fsspec URL (a local path, gs://..., memory:// in tests). It gets `checkpoints/`
+(orbax, or `--checkpoint-dir`; a rerun with more `--steps` resumes from the latest), `tensorboard/` (event
+files), `metrics.jsonl`, `metrics.json` (final `loss`, `val_triplet_accuracy`, `steps_per_second`, ...), and the
+fine-tuned encoder `student.npz` + `student.json`.
 
 As a chain stage (`alignet run`, `run()` below), the train artifact holds the same files, so
 `models.load_model("<config-name>:<artifact>/student.npz")` loads the result (or, in the evaluate stage's
@@ -48,6 +49,7 @@ _FLAGS = {  # config key -> (type, help)
     "seed": (int, "seed of the data order and head init"),
     "eval_every": (int, "steps between validation passes (0 = before and after only)"),
     "checkpoint_every": (int, "steps between orbax checkpoints (0 = at the end only)"),
+    "checkpoint_dir": (str, "orbax checkpoint directory, local or gs:// (default: <workdir>/checkpoints)"),
     "log_every": (int, "steps between metrics.jsonl rows and TensorBoard points"),
 }
 
@@ -58,8 +60,8 @@ def default_config() -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", required=True,
-                      help="local run directory, in place of --out: checkpoints, TensorBoard events, metrics; a "
-                      "rerun resumes there")
+                      help="run directory (local path or fsspec URL such as gs://...), in place of --out: "
+                      "checkpoints, TensorBoard events, metrics; a rerun resumes there")
   parser.add_argument("--config", dest="config_file", default=None, help="JSON config file (keys of the config)")
   parser.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
                       help="override any config key (VALUE parsed as JSON, else a string); repeatable")
@@ -115,33 +117,29 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   """`alignet train ... --workdir W`: train (or resume) in W, printing the config and where everything went."""
   del beam_args  # Not a Beam stage (the CLI refuses extra flags for it).
   config = config_from_args(args)
-  workdir = args.workdir
-  if "://" in workdir and not workdir.startswith("file://"):
-    raise ValueError(f"--workdir must be a local directory (orbax, TensorBoard and the export write there), got "
-                     f"{workdir!r}; copy it to {workdir.split('://')[0]}:// afterwards.")
-  workdir = workdir.removeprefix("file://")
+  workdir = args.workdir.rstrip("/")
+  ckpt_dir = train.checkpoint_directory(workdir, config["checkpoint_dir"])  # Refuses what orbax cannot write.
   print("[train] config:\n" + json.dumps(config, indent=2, sort_keys=True), flush=True)
   if args.print_config:
     return 0
-  saved = os.path.join(workdir, "config.json")
-  if os.path.exists(saved):
-    with open(saved) as f:
-      previous = json.load(f)
+  fs, root = artifacts.url_to_fs(workdir)
+  saved = artifacts.join(root, "config.json")
+  if fs.isfile(saved):
+    with fs.open(saved, "rb") as f:
+      previous = json.loads(f.read())
     changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
     if changed:
       print(f"[train] config differs from the last run in {workdir} in {changed} (resuming anyway; a new `steps` "
             "stretches the learning-rate schedule)", flush=True)
-  os.makedirs(workdir, exist_ok=True)
-  with open(saved, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-    f.write("\n")
-  print(f"[train] checkpoints: {os.path.join(workdir, 'checkpoints')}; TensorBoard: "
-        f"{os.path.join(workdir, 'tensorboard')}; metrics: {os.path.join(workdir, 'metrics.jsonl')}, "
-        f"{os.path.join(workdir, 'metrics.json')}", flush=True)
+  fs.makedirs(root, exist_ok=True)
+  with fs.open(saved, "wb") as f:
+    f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+  print(f"[train] checkpoints: {ckpt_dir}; TensorBoard: {artifacts.join(workdir, 'tensorboard')}; metrics: "
+        f"{artifacts.join(workdir, 'metrics.jsonl')}, {artifacts.join(workdir, 'metrics.json')}", flush=True)
   result = train.train_and_evaluate(config, workdir)
   print(f"train: loss {result['loss']:.4f}, val_triplet_accuracy {result['val_triplet_accuracy']:.4f}, "
-        f"{result['steps_per_second']:.2f} steps/s; workdir {workdir} (checkpoints/, tensorboard/, metrics.json, "
-        "student.npz)")
+        f"{result['steps_per_second']:.2f} steps/s, input {result['input_images_per_second']} images/s per "
+        f"worker; workdir {workdir} (tensorboard/, metrics.json, student.npz)")
   return 0
 
 
@@ -160,7 +158,8 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   del beam_args  # Not a Beam stage.
   if artifacts.is_local(writer.fs):
     return train.train_and_evaluate(config, writer.local_path("."))
-  # Orbax and the npz export write to a local directory; copy the results into a remote artifact.
+  # The artifact must hold its checkpoints, and orbax writes only local paths and gs:// (not memory://, s3://):
+  # train in a local directory, then copy everything into the artifact, which commits it.
   with tempfile.TemporaryDirectory() as workdir:
     report = train.train_and_evaluate(config, workdir)
     for root, _, files in os.walk(workdir):

@@ -9,6 +9,7 @@ INITIAL weights (decoupled, like the released kauldron `decay_to_init`) -> warm-
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import time
@@ -52,6 +53,13 @@ DEFAULTS: dict[str, Any] = {
     "hooks": ["levels", "things"],  # extra validation on a demo world: Levels-like / THINGS-like accuracy
     "checkpoint_every": 0,    # steps between orbax checkpoints; 0 = only at the end
     "keep_checkpoints": 2,    # orbax max_to_keep
+    "checkpoint_dir": "",     # orbax directory, a local path or gs://; "" = <workdir>/checkpoints. Set it when the
+                              # workdir is on a filesystem orbax cannot write (memory://, s3://, ...)
+    "input_threads": 2,       # Grain worker threads loading + preprocessing batches ahead of the step; 0 = in the
+                              # training loop itself
+    "prefetch_batches": 4,    # batches Grain keeps made ahead (its prefetch buffer; >= input_threads to use them)
+    "input_processes": 0,     # Grain worker processes (mp_prefetch), each with input_threads threads; for file or
+                              # TFDS images whose decoding holds the GIL. 0 = off (each costs a Python + JAX start)
     "log_every": 25,          # steps between rows of metrics.jsonl / TensorBoard points
 }
 
@@ -258,10 +266,28 @@ def jit_train_step(mesh: jax.sharding.Mesh, **step_kwargs: Any) -> Callable:
                  out_shardings=(rep, rep), donate_argnums=0)
 
 
-def _checkpoint_manager(workdir: str, keep: int = 2):
+def checkpoint_directory(workdir: str, checkpoint_dir: str = "") -> str:
+  """The directory orbax is given: `checkpoint_dir`, else <workdir>/checkpoints; gs:// as is, local paths absolute.
+
+  Orbax writes gs:// natively (etils.epath + tensorstore's GCS driver) but nothing else with a scheme: epath has
+  no memory:// backend (KeyError), and orbax's tensorstore specs fall back to the local `file` driver, which
+  needs an absolute path. So other schemes fail here, naming the fix, rather than deep inside orbax.
+  """
+  url = checkpoint_dir or artifacts.join(workdir, "checkpoints")
+  scheme, sep, rest = url.partition("://")
+  if not sep:
+    return os.path.abspath(url)
+  if scheme in ("file", "local"):
+    return os.path.abspath(rest)
+  if scheme == "gs":
+    return url
+  raise ValueError(f"Orbax cannot write checkpoints to {url!r} (local paths and gs:// only); set checkpoint_dir "
+                   "(--checkpoint-dir) to a local directory or a gs:// URL; the workdir can stay where it is.")
+
+
+def _checkpoint_manager(directory: str, keep: int = 2):
   import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
 def _save(manager, state: TrainState) -> None:
@@ -324,14 +350,19 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
 def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = None,
                        images: input_pipeline.ImageSource | None = None, mesh: jax.sharding.Mesh | None = None,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Train to `config["steps"]` (resuming from the latest checkpoint in workdir), validate, export.
+  """Train to `config["steps"]` (resuming from the latest checkpoint), validate, export.
 
-  Writes into the local directory `workdir`: `checkpoints/` (orbax), `tensorboard/` (event files),
-  `metrics.jsonl` (a row every `log_every` steps, appended as training goes), `metrics.json` (the final figures,
-  also returned), `student.npz` (the fine-tuned encoder, big_vision layout; `load_model("<name>:<workdir>/
-  student.npz")` loads it), `student.json` (the model config and how to load it) and `triplet_head.npz` when
-  there is a head. `model` and `images` override the config's `student` and image source (tests inject tiny
-  stand-ins); `mesh` defaults to all devices.
+  `workdir` is any fsspec URL (a local path, file://, gs://, memory://); everything but the checkpoints is
+  written through fsspec: `tensorboard/` (event files), `metrics.jsonl` (a row every `log_every` steps, written
+  as training goes), `metrics.json` (the final figures, also returned), `student.npz` (the fine-tuned encoder,
+  big_vision layout; `load_model("<name>:<workdir>/student.npz")` loads it), `student.json` (the model config and
+  how to load it) and `triplet_head.npz` when there is a head. Orbax checkpoints go to `checkpoint_directory`
+  (`<workdir>/checkpoints` unless config `checkpoint_dir` says otherwise). `model` and `images` override the
+  config's `student` and image source (tests inject tiny stand-ins); `mesh` defaults to all devices.
+
+  `input_images_per_second` in the result is the input pipeline's own speed per worker: the images it made over
+  the seconds spent inside its map function, summed over whichever threads or processes ran it (each batch
+  carries its own time). With N threads not bound by the GIL, the pipeline can make about N times that.
   """
   from tqdm import tqdm
 
@@ -339,7 +370,10 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
 
   config = {**DEFAULTS, **config}
   steps, batch_size = int(config["steps"]), int(config["batch_size"])
-  os.makedirs(workdir, exist_ok=True)
+  seed = input_pipeline.check_seed(config["seed"])
+  ckpt_dir = checkpoint_directory(workdir, str(config["checkpoint_dir"] or ""))
+  fs, root = artifacts.url_to_fs(workdir)
+  fs.makedirs(root, exist_ok=True)
   mesh = make_mesh() if mesh is None else mesh
   n_dev = mesh.devices.size
   if batch_size % n_dev:
@@ -372,19 +406,22 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   opt_key = tuple((k, config[k]) for k in _OPTIMIZER_KEYS)
   tx, step_fn, eval_fn = compiled_steps(model.embed_fn, opt_key, config["loss"], float(config["tau"]), dtype.name,
                                         mesh)
-  rng = jax.random.PRNGKey(int(config["seed"]))
+  rng = jax.random.PRNGKey(seed)
   state = replicate(mesh, create_train_state(init_params(model.params, model.dim, head_dim, rng), tx))
 
   hooks = {}
   if config["hooks"] and isinstance(images, input_pipeline.DemoImages) and images.world_url:
     hooks = demo_hooks(images.world_url, list(config["hooks"]))
   embed_jit = jax.jit(model.embed_fn)
+  # Grain readers (threads) and this host's slice of every global batch, for training and validation alike.
+  reading = {"threads": int(config["input_threads"]), "prefetch": int(config["prefetch_batches"]),
+             "process_index": jax.process_index(), "process_count": jax.process_count()}
 
   def run_eval(params) -> dict[str, float]:
     out = {}
-    for idx, sims, mask in input_pipeline.eval_batches(valid_data, eval_batch):
-      x = input_pipeline.triplet_images(idx, images, model.preprocess)
-      got = eval_fn(params, *shard_batch(mesh, x, sims, mask))
+    for batch in input_pipeline.eval_dataset(valid_data, images, model.preprocess, batch_size=eval_batch,
+                                             **reading):
+      got = eval_fn(params, *shard_batch(mesh, batch["images"], batch["similarities"], batch["mask"]))
       for k, v in got.items():
         out[k] = out.get(k, 0.0) + float(v)
     n = max(out["count"], 1.0)
@@ -394,67 +431,67 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       result.update(hook(lambda imgs: _embed_all(embed_jit, params["encoder"], imgs, model.preprocess, eval_batch)))
     return result
 
-  manager = _checkpoint_manager(workdir, int(config["keep_checkpoints"]))
+  manager = _checkpoint_manager(ckpt_dir, int(config["keep_checkpoints"]))
   start = 0
   if manager.latest_step() is not None:
     import orbax.checkpoint as ocp
     start = int(manager.latest_step())
     if start > steps:
-      raise ValueError(f"{workdir} holds a checkpoint at step {start}, past steps={steps}: raise steps or use "
+      raise ValueError(f"{ckpt_dir} holds a checkpoint at step {start}, past steps={steps}: raise steps or use "
                        "a fresh workdir.")
     state = manager.restore(start, args=ocp.args.StandardRestore(state))
-    log(f"[train] resumed from step {start} (latest checkpoint)")
+    log(f"[train] resumed from step {start} (latest checkpoint in {ckpt_dir})")
   before = run_eval(state.params) if start == 0 else None
 
-  log_path = os.path.join(workdir, "metrics.jsonl")
-  rows = _read_jsonl(log_path, upto=start)  # A killed run's rows past its last checkpoint are dropped.
-  with open(log_path, "w") as f:
-    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-  tb = events.EventWriter(os.path.join(workdir, "tensorboard"))
+  log_url = artifacts.join(workdir, "metrics.jsonl")
+  rows = _read_jsonl(log_url, upto=start)  # A killed run's rows past its last checkpoint are dropped.
+  log_file = events.LogFile(log_url, b"".join(_jsonl_row(r) for r in rows))
+  tb = events.EventWriter(artifacts.join(workdir, "tensorboard"))
   if before is not None:
     tb.scalars(0, _tb_scalars(before))
-  input_seconds = [0.0]  # Time the producer thread spends making batches: the input pipeline's own speed.
-  pid, n_proc = jax.process_index(), jax.process_count()
-
-  def produce():
-    for idx, sims in input_pipeline.train_batches(train_data, batch_size, int(config["seed"]), start, steps - start):
-      t = time.perf_counter()
-      rows_here = input_pipeline.host_slice(np.arange(len(idx)), pid, n_proc)
-      x = input_pipeline.triplet_images(idx[rows_here], images, model.preprocess)
-      input_seconds[0] += time.perf_counter() - t
-      yield x, sims[rows_here]
+  # Steps start..steps-1 of the one batch order of this seed: a resumed run reads what a straight run would.
+  batches = iter(input_pipeline.train_dataset(
+      train_data, images, model.preprocess, batch_size=batch_size, seed=seed, start_step=start, stop_step=steps,
+      processes=int(config["input_processes"]), **reading))
+  input_seconds = 0.0  # Seconds the input workers spent making batches (summed): the pipeline's own speed.
 
   every = int(config["log_every"]) or steps
   eval_every = int(config["eval_every"])
   ckpt_every = int(config["checkpoint_every"])
   first_step_s, t0, t1, last = None, time.perf_counter(), None, (start, time.perf_counter())
-  with open(log_path, "a") as log_file, \
-      tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
-    for step, (x, sims) in enumerate(input_pipeline.prefetch(produce()), start + 1):  # Python counter: no sync.
-      state, metrics = step_fn(state, *shard_batch(mesh, x, sims))
-      if first_step_s is None:  # The first step includes compilation: keep it out of steps/s.
-        jax.block_until_ready(metrics)
-        first_step_s = time.perf_counter() - t0
-        t1 = last_t = time.perf_counter()
-        last = (step, last_t)
-      if step % every == 0 or step == steps:
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        now = time.perf_counter()
-        if step > last[0]:
-          row["steps_per_second"] = (step - last[0]) / (now - last[1])
-          row["images_per_second"] = row["steps_per_second"] * batch_size * 3
-        last = (step, now)
-        if eval_every and step % eval_every == 0 and step < steps:
-          row.update(run_eval(state.params))
-          last = (step, time.perf_counter())
-        rows.append(row)
-        log_file.write(json.dumps(row, sort_keys=True) + "\n")
-        log_file.flush()
-        tb.scalars(step, _tb_scalars(row))
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['triplet_accuracy']:.3f}")
-      if ckpt_every and step % ckpt_every == 0 and step < steps:
-        _save(manager, state)
-      bar.update(1)
+  try:
+    with tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
+      for step, batch in enumerate(batches, start + 1):  # A Python counter: no device sync.
+        input_seconds += batch["seconds"]
+        state, metrics = step_fn(state, *shard_batch(mesh, batch["images"], batch["similarities"]))
+        if first_step_s is None:  # The first step includes compilation: keep it out of steps/s.
+          jax.block_until_ready(metrics)
+          first_step_s = time.perf_counter() - t0
+          t1 = last_t = time.perf_counter()
+          last = (step, last_t)
+        if step % every == 0 or step == steps:
+          row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+          now = time.perf_counter()
+          if step > last[0]:
+            row["steps_per_second"] = (step - last[0]) / (now - last[1])
+            row["images_per_second"] = row["steps_per_second"] * batch_size * 3
+          last = (step, now)
+          if eval_every and step % eval_every == 0 and step < steps:
+            row.update(run_eval(state.params))
+            last = (step, time.perf_counter())
+          rows.append(row)
+          log_file.write(_jsonl_row(row))
+          log_file.flush()
+          tb.scalars(step, _tb_scalars(row))
+          bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['triplet_accuracy']:.3f}")
+        if ckpt_every and step % ckpt_every == 0 and step < steps:
+          _save(manager, state)
+          log_file.flush(force=True)  # Rows up to a checkpoint survive a kill even where flushes are rate-limited.
+          tb.flush(force=True)
+        bar.update(1)
+  finally:
+    batches.close()
+    log_file.close()
   jax.block_until_ready(state)
   trained = steps - start
   seconds = time.perf_counter() - t0
@@ -470,6 +507,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   tb.close()
   export_student(workdir, state.params, model)
 
+  n_proc = jax.process_count()
   result = {
       "loss": rows[-1]["loss"] if rows else None,
       **after,
@@ -483,19 +521,19 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       "head_dim": head_dim,
       "steps_per_second": round(steps_per_second, 3),
       "images_per_second": round(steps_per_second * batch_size * 3, 1),
-      "input_images_per_second": round(trained * batch_size * 3 / n_proc / input_seconds[0], 1)
-      if input_seconds[0] else None,
+      "input_images_per_second": round(trained * batch_size * 3 / n_proc / input_seconds, 1)
+      if input_seconds else None,
+      "input_threads": reading["threads"],
       "first_step_seconds": round(first_step_s or 0.0, 2),
       "train_seconds": round(seconds, 2),
       "student": model.config.get("name", config["student"]),
   }
+  metrics_url = artifacts.join(workdir, "metrics.json")
   if before is not None:
     result.update({f"{k}_before": v for k, v in before.items() if k != "val_triplets"})
   else:  # Resumed: keep the figures from before training that the first run of this workdir measured.
-    result.update({k: v for k, v in _read_json(os.path.join(workdir, "metrics.json")).items() if k.endswith("_before")})
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-    f.write("\n")
+    result.update({k: v for k, v in _read_json(metrics_url).items() if k.endswith("_before")})
+  _write_json(metrics_url, result)
   before_acc = result.get("val_triplet_accuracy_before")
   log(f"[train] val triplet accuracy {'?' if before_acc is None else f'{before_acc:.3f}'} -> "
       f"{result['val_triplet_accuracy']:.3f}; {result['steps_per_second']:.2f} steps/s")
@@ -517,38 +555,52 @@ def _tb_scalars(row: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
-def _read_json(path: str) -> dict[str, Any]:
-  if not os.path.exists(path):
+def _jsonl_row(row: Mapping[str, Any]) -> bytes:
+  return (json.dumps(row, sort_keys=True) + "\n").encode()
+
+
+def _read_json(url: str) -> dict[str, Any]:
+  fs, path = artifacts.url_to_fs(url)
+  if not fs.isfile(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  with fs.open(path, "rb") as f:
+    return json.loads(f.read())
 
 
-def _read_jsonl(path: str, upto: int) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
+def _write_json(url: str, obj: Any) -> None:
+  fs, path = artifacts.url_to_fs(url)
+  with fs.open(path, "wb") as f:
+    f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _read_jsonl(url: str, upto: int) -> list[dict[str, Any]]:
+  fs, path = artifacts.url_to_fs(url)
+  if not fs.isfile(path):
     return []
-  with open(path) as f:
-    return [r for r in map(json.loads, f) if r["step"] <= upto]
+  with fs.open(path, "rb") as f:
+    return [r for r in map(json.loads, f.read().decode().splitlines()) if r["step"] <= upto]
 
 
 def export_student(workdir: str, params: Mapping[str, Any], model: Any) -> str:
-  """Write the fine-tuned encoder as `student.npz` (+ `student.json`); returns its load_model spec."""
+  """Write the fine-tuned encoder as `student.npz` (+ `student.json`) into `workdir` (any fsspec URL); returns
+  its load_model spec."""
   from alignet_data import models
 
   name = model.config.get("name")
-  path = os.path.join(workdir, "student.npz")
-  models.save_checkpoint(path, jax.tree.map(np.asarray, params["encoder"]))
+  url = artifacts.join(workdir, "student.npz")
+  models.save_checkpoint(url, jax.tree.map(np.asarray, params["encoder"]))
   if "head" in params:
     head = jax.tree.map(np.asarray, params["head"])
-    with open(os.path.join(workdir, "triplet_head.npz"), "wb") as f:
-      np.savez(f, kernel=head["kernel"], bias=head["bias"])
+    buf = io.BytesIO()  # zipfile seeks; object-store writers cannot.
+    np.savez(buf, kernel=head["kernel"], bias=head["bias"])
+    fs, path = artifacts.url_to_fs(artifacts.join(workdir, "triplet_head.npz"))
+    with fs.open(path, "wb") as f:
+      f.write(buf.getvalue())
   info = {"model": name, "model_config": dict(model.config), "checkpoint": "student.npz",
           "head": "triplet_head.npz" if "head" in params else None,
           "representation": "encoder (embed_fn); the triplet head, if any, is saved separately"}
-  with open(os.path.join(workdir, "student.json"), "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-    f.write("\n")
-  return f"{name}:{path}"
+  _write_json(artifacts.join(workdir, "student.json"), info)
+  return f"{name}:{url}"
 
 
 def load_student(train_url: str) -> Any:
