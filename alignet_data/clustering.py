@@ -142,54 +142,6 @@ def assign(x: np.ndarray, centroids: np.ndarray, block: int = _ASSIGN_BLOCK) -> 
   return labels, dists
 
 
-def release_arrow_memory() -> None:
-  """Hand the memory Arrow's pool kept after reading the embeddings back to the OS. Loading keeps the Parquet
-  buffers (one matrix) in the pool after the copy into numpy; without this, ImageNet-scale cluster/triplets runs
-  peaked at ~19 GB RSS with ~6 GB of it idle pool memory (bench/imagenet_scale.py)."""
-  import pyarrow as pa
-  pa.default_memory_pool().release_unused()
-
-
-def load_embeddings(url: str, split: str):
-  """`embeddings.load(url, split)` with a bounded peak: shards are copied one at a time into one preallocated
-  float32 matrix and Arrow's buffers are released after each. `embeddings.load` holds every shard and their
-  concatenation at once: 3.5x the matrix (20 GB peak for ImageNet at d = 1152, bench/imagenet_scale.py)."""
-  from alignet_data import embeddings
-  art = artifacts.load(url, stage="embed") if isinstance(url, str) else url
-  index = embeddings.info(art)["splits"]
-  if split not in index:
-    raise KeyError(f"Split {split!r} is not in embeddings {art.url}; it has {sorted(index)}.")
-  entry = index[split]
-  n, dim, count = int(entry["rows"]), int(entry["dim"]), int(entry["shards"])
-  names = [embeddings.shard_name(split, i, count) for i in range(count)]
-  missing = [name for name in names if not art.exists(name)]
-  if missing:
-    raise FileNotFoundError(f"Embeddings {art.url} lacks shards {missing[:3]} listed in {embeddings.INDEX}.")
-  vectors = np.empty((n, dim), np.float32)
-  ids, labels, file_names = [], [], []
-  row = 0
-  for name in names:
-    with art.open(name) as f:
-      part = embeddings.read_shard(f)
-    m = len(part.ids)
-    if row + m > n:
-      raise ValueError(f"Embeddings {art.url}/{split}: more rows than the {n} its index lists; the artifact is "
-                       "corrupt, rerun `alignet embed --force`.")
-    vectors[row:row + m] = part.vectors.reshape(m, dim)
-    ids.append(part.ids)
-    labels.append(part.labels)
-    file_names.append(part.file_names)
-    row += m
-    del part
-    release_arrow_memory()
-  out = embeddings.Embeddings(ids=np.concatenate(ids).astype(np.int64), labels=np.concatenate(labels).astype(np.int64),
-                              file_names=np.concatenate(file_names), vectors=vectors)
-  if row != n or (n > 1 and np.any(np.diff(out.ids) <= 0)):
-    raise ValueError(f"Embeddings {art.url}/{split}: {row} rows (index says {n}) or ids not strictly increasing; "
-                     "the artifact is corrupt, rerun `alignet embed --force`.")
-  return out
-
-
 def transform_rows(transform, x: np.ndarray, block: int = _ASSIGN_BLOCK) -> np.ndarray:
   """`transform.apply(x)` in row blocks into one float32 array: the peak is one output matrix, not the three
   whole-matrix temporaries of a single call (at ImageNet scale each is 5.9 GB). Fixed blocks: fixed bytes."""

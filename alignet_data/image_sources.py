@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import importlib.util
 import io
+import json
 import logging
 import os
 import posixpath
@@ -69,11 +70,14 @@ class DecodeFailure:
 
 @dataclasses.dataclass(frozen=True)
 class ReadTask:
-  """Records [start, stop) of one source; `items` carries per-record data a worker needs (file paths)."""
+  """Records [start, stop) of one source, and the per-record data a worker needs (file paths, labels): either in
+  `items`, or as `listing` = (url, first byte, end byte) of the task's lines in a staged listing file, so that a
+  pipeline's task list stays small (1.28M ImageNet paths in the graph are ~77 MB; Dataflow caps it at 10 MB)."""
   split: str
   start: int
   stop: int
   items: tuple = ()
+  listing: tuple[str, int, int] | None = None
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -125,7 +129,9 @@ class ImageSource:
   def __len__(self) -> int:
     raise NotImplementedError
 
-  def tasks(self, split: str, images_per_task: int) -> list[ReadTask]:
+  def tasks(self, split: str, images_per_task: int, staging: str | None = None) -> list[ReadTask]:
+    """Read tasks of `images_per_task` records; sources with per-record data stage it under the `staging` URL
+    (when given, e.g. by a pipeline) instead of carrying it in the tasks."""
     if images_per_task < 1:
       raise ValueError(f"images_per_range must be >= 1, got {images_per_task}")
     n = len(self)
@@ -241,11 +247,36 @@ class FilesSource(ImageSource):
   def file_name(self, path: str) -> str:
     return posixpath.relpath(path, self.root) if self.root else path
 
-  def tasks(self, split: str, images_per_task: int) -> list[ReadTask]:
-    # Each task carries its own paths and labels, so workers never re-list (or receive) the whole folder.
-    return [dataclasses.replace(t, items=tuple(zip(self.paths[t.start:t.stop], self.labels[t.start:t.stop].tolist(),
-                                                   strict=True)))
-            for t in super().tasks(split, images_per_task)]
+  def tasks(self, split: str, images_per_task: int, staging: str | None = None) -> list[ReadTask]:
+    # Workers never re-list the folder: each task carries its (label, path) pairs, or with `staging` the byte
+    # range of its lines in one JSON-lines listing written there (one ranged read per task on any filesystem).
+    tasks = super().tasks(split, images_per_task)
+    pairs = list(zip(self.labels.tolist(), self.paths, strict=True))
+    if staging is None:
+      return [dataclasses.replace(t, items=tuple(pairs[t.start:t.stop])) for t in tasks]
+    lines = [(json.dumps(pair) + "\n").encode() for pair in pairs]
+    offsets = np.concatenate([[0], np.cumsum([len(line) for line in lines])]).tolist()
+    url = artifacts.join(staging, f"{split}.listing.jsonl")
+    fs, path = artifacts.url_to_fs(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+      f.write(b"".join(lines))
+    return [dataclasses.replace(t, listing=(url, offsets[t.start], offsets[t.stop])) for t in tasks]
+
+  @staticmethod
+  def _items(task: ReadTask) -> list[tuple[int, str]]:
+    if task.listing is None:
+      return list(task.items)
+    url, lo, hi = task.listing
+    fs, path = artifacts.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+      f.seek(lo)
+      data = f.read(hi - lo)
+    items = [tuple(json.loads(line)) for line in data.decode().splitlines()]
+    if len(items) != task.stop - task.start:
+      raise RuntimeError(f"Listing {url} bytes [{lo}, {hi}) hold {len(items)} records, expected "
+                         f"{task.stop - task.start}: the staged listing changed under the pipeline.")
+    return items
 
   def __getstate__(self) -> dict[str, Any]:
     state = super().__getstate__()
@@ -255,7 +286,7 @@ class FilesSource(ImageSource):
   def read(self, task: ReadTask) -> tuple[ImageBlock, list[DecodeFailure]]:
     fs, _ = artifacts.url_to_fs(self.pattern)
     ids, labels, names, images, failures = [], [], [], [], []
-    for i, (path, label) in zip(range(task.start, task.stop), task.items, strict=True):
+    for i, (label, path) in zip(range(task.start, task.stop), self._items(task), strict=True):
       name = self.file_name(path)
       try:
         with fs.open(path, "rb") as f:

@@ -16,30 +16,52 @@ jit = functools.partial(numba.njit, cache=True, boundscheck=False, nogil=True)
 
 # ------------------------------------------------------------------------------------------ Triplet similarities
 
-# One pass per triplet reads its three embedding rows once, straight from the matrix, and accumulates the three
-# dot products together: no gathered (m, 3, d) copy, no temporaries. On ImageNet-sized data this is memory
-# bound; the gather + einsum it replaces spent most of its time allocating and copying. Products of float32 are
-# exact in float64 and the sum is rounded to float32 once, so the (vectorised, reassociated) summation order
-# moves a result by far less than a float32 ulp: the same bytes on any CPU almost always, and always the same
-# bytes for a triplet wherever it sits in a block (rows are independent).
+# Each triplet's three embedding rows are read once, straight from the matrix, and its three dot products are
+# accumulated together: no gathered (m, 3, d) copy, no temporaries. On ImageNet-sized data this is memory bound
+# (random rows of a 5.9 GB matrix), so four triplets go through the loop together: twelve independent row streams
+# keep more cache misses in flight (1.4x the triplets/s of one at a time on this machine). The last group repeats
+# the last triplet instead of taking another code path, so every triplet is computed by the same instructions
+# wherever it sits in a block or a thread's chunk: the same bytes for any block size or thread count (tested).
+# Products of float32 are exact in float64 and each sum is rounded to float32 once, so the (vectorised,
+# reassociated) summation order moves a result by far less than a float32 ulp: almost always the same bytes on
+# another CPU too.
 @numba.njit(fastmath={"reassoc", "contract", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def pair_dots(vectors, positions, out):  # pragma: no cover (compiled)
   d = vectors.shape[1]
-  for t in range(positions.shape[0]):
-    a, b, c = positions[t, 0], positions[t, 1], positions[t, 2]
-    s01 = 0.0
-    s02 = 0.0
-    s12 = 0.0
+  m = positions.shape[0]
+  for t in range(0, m, 4):
+    a0, b0, c0 = positions[t, 0], positions[t, 1], positions[t, 2]
+    u = min(t + 1, m - 1)
+    a1, b1, c1 = positions[u, 0], positions[u, 1], positions[u, 2]
+    u = min(t + 2, m - 1)
+    a2, b2, c2 = positions[u, 0], positions[u, 1], positions[u, 2]
+    u = min(t + 3, m - 1)
+    a3, b3, c3 = positions[u, 0], positions[u, 1], positions[u, 2]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = 0.0
     for i in range(d):
-      x = numba.float64(vectors[a, i])
-      y = numba.float64(vectors[b, i])
-      z = numba.float64(vectors[c, i])
-      s01 += x * y
-      s02 += x * z
-      s12 += y * z
-    out[t, 0] = s01
-    out[t, 1] = s02
-    out[t, 2] = s12
+      x0, y0, z0 = numba.float64(vectors[a0, i]), numba.float64(vectors[b0, i]), numba.float64(vectors[c0, i])
+      x1, y1, z1 = numba.float64(vectors[a1, i]), numba.float64(vectors[b1, i]), numba.float64(vectors[c1, i])
+      x2, y2, z2 = numba.float64(vectors[a2, i]), numba.float64(vectors[b2, i]), numba.float64(vectors[c2, i])
+      x3, y3, z3 = numba.float64(vectors[a3, i]), numba.float64(vectors[b3, i]), numba.float64(vectors[c3, i])
+      s0 += x0 * y0
+      s1 += x0 * z0
+      s2 += y0 * z0
+      s3 += x1 * y1
+      s4 += x1 * z1
+      s5 += y1 * z1
+      s6 += x2 * y2
+      s7 += x2 * z2
+      s8 += y2 * z2
+      s9 += x3 * y3
+      s10 += x3 * z3
+      s11 += y3 * z3
+    out[t, 0], out[t, 1], out[t, 2] = s0, s1, s2
+    if t + 1 < m:
+      out[t + 1, 0], out[t + 1, 1], out[t + 1, 2] = s3, s4, s5
+    if t + 2 < m:
+      out[t + 2, 0], out[t + 2, 1], out[t + 2, 2] = s6, s7, s8
+    if t + 3 < m:
+      out[t + 3, 0], out[t + 3, 1], out[t + 3, 2] = s9, s10, s11
 
 
 # ------------------------------------------------------------------------------------------ tf.train.Example

@@ -73,7 +73,7 @@ def _required(config: dict[str, Any], key: str) -> str:
 
 def load_features(config: dict[str, Any]) -> tuple[embeddings.Embeddings, np.ndarray]:
   """The split's embeddings and the features to cluster (transformed when a transform is given)."""
-  emb = clustering.load_embeddings(_required(config, "embeddings"), config["split"])
+  emb = embeddings.load(_required(config, "embeddings"), config["split"])
   if len(emb) == 0:
     raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} is empty.")
   x = clustering.transform_rows(Transform.load(config["transform"]), emb.vectors) if config.get("transform") \

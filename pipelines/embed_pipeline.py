@@ -36,6 +36,7 @@ __all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_f
 
 STAGE = "embed"
 DEAD_LETTER = "dead_letter.jsonl"
+_STAGING = "_staging"
 NAMESPACE = "embed"
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 _NAMED_SOURCE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)=(?P<spec>.+)$")
@@ -300,14 +301,17 @@ class EmbedImages(beam.PTransform):
   """
 
   def __init__(self, sources: dict[str, image_sources.ImageSource], handler: JaxEmbedHandler, *, batch_size: int,
-               rows_per_shard: int, images_per_range: int, dtype: str, shard_dir: str, dead_letter_url: str):
+               rows_per_shard: int, images_per_range: int, dtype: str, shard_dir: str, dead_letter_url: str,
+               staging_dir: str | None = None):
     super().__init__()
     self.sources, self.handler = sources, handler
     self.batch_size, self.rows_per_shard, self.images_per_range = batch_size, rows_per_shard, images_per_range
     self.dtype, self.shard_dir, self.dead_letter_url = dtype, shard_dir, dead_letter_url
+    self.staging_dir = staging_dir  # Where file sources stage their path listings (not in the pipeline graph).
 
   def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
-    tasks = [t for split, src in sorted(self.sources.items()) for t in src.tasks(split, self.images_per_range)]
+    tasks = [t for split, src in sorted(self.sources.items())
+             for t in src.tasks(split, self.images_per_range, self.staging_dir)]
     num_shards = {split: embeddings.num_shards(len(src), self.rows_per_shard) for split, src in self.sources.items()}
     read = (pbegin
             | "Tasks" >> beam.Create(tasks)  # ReadTask
@@ -358,15 +362,18 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   handler = JaxEmbedHandler(config["model"], config["batch_size"], load_fn, config["compute_dtype"])
   shard_dir = writer.makedirs(embeddings.SHARD_DIR)
   dead_letter_url = writer.path(DEAD_LETTER)
+  staging_dir = writer.makedirs(_STAGING)
   p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
   _ = p | "EmbedImages" >> EmbedImages(
       sources, handler, batch_size=config["batch_size"], rows_per_shard=config["rows_per_shard"],
       images_per_range=config["images_per_range"], dtype=config["dtype"], shard_dir=shard_dir,
-      dead_letter_url=dead_letter_url)
+      dead_letter_url=dead_letter_url, staging_dir=staging_dir)
   result = p.run()
   state = result.wait_until_finish()
   if str(state).rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
     raise RuntimeError(f"Embed pipeline ended in state {state}.")
+  if writer.fs.exists(writer.local_path(_STAGING)):  # Staged path listings are not part of the artifact.
+    writer.fs.rm(writer.local_path(_STAGING), recursive=True)
   return _finish(config, sources, writer, _counters(result))
 
 

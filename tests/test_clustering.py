@@ -96,14 +96,15 @@ def test_cluster_stage_writes_clusters_elbow_and_report(tmp_path):
   assert art3.report["k"] == 3 and art3.report["chosen_by"] == "fixed" and "elbow.png" not in art3.files
 
 
-def test_bounded_memory_loader_reads_what_embeddings_load_reads(tmp_path):
+def test_embeddings_load_copies_shard_by_shard_into_one_matrix_and_transform_rows_blocks(tmp_path):
   x, labels = _planted(n=1300)
   art = _embeddings_artifact(str(tmp_path / "embed"), x, labels)  # 3 shards of 500 ids.
-  a, b = clustering.load_embeddings(art.url, "pool"), embeddings.load(art.url, "pool")
-  for key in ("ids", "labels", "file_names", "vectors"):
-    np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
-    assert getattr(a, key).dtype == getattr(b, key).dtype, key
+  e = embeddings.load(art.url, "pool")
+  np.testing.assert_array_equal(e.vectors, x)
+  np.testing.assert_array_equal(e.labels, labels)
+  assert e.vectors.dtype == np.float32 and e.vectors.flags.c_contiguous and e.ids.dtype == np.int64
+  assert len(e.file_names) == len(x)
   with pytest.raises(KeyError, match="has \\['pool'\\]"):
-    clustering.load_embeddings(art.url, "things")
+    embeddings.load(art.url, "things")
   t = Transform(np.eye(16, dtype=np.float32) * 2, np.ones(16, np.float32))
   np.testing.assert_allclose(clustering.transform_rows(t, x, block=77), t.apply(x), rtol=1e-6)

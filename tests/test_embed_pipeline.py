@@ -116,6 +116,7 @@ def test_files_source_dead_letters_bad_images(tmp_path):
 
   report = art.report
   assert (report["images"], report["failed"]) == (4, 3)
+  assert not [name for name in art.files if "staging" in name or "listing" in name]  # Staged paths removed.
   with art.open(report["dead_letter"]) as f:
     dead = {d["file_name"]: d["reason"] for d in map(json.loads, f)}
   assert dead.keys() == bad.keys()

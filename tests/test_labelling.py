@@ -102,3 +102,19 @@ def test_compiled_similarities_match_float64_and_check_their_inputs():
     labelling.rowwise_similarities(vectors, np.array([[0, 1, 300]]))
   with pytest.raises(ValueError, match="shape"):
     labelling.rowwise_similarities(vectors, np.array([0, 1, 2]))
+
+
+def test_threaded_labelling_gives_the_same_bytes_as_one_thread():
+  rng = np.random.default_rng(3)
+  vectors = rng.standard_normal((500, 33), dtype=np.float32)
+  triplets = rng.integers(0, 500, (2000, 3))
+  one = labelling.rowwise_similarities(vectors, triplets)
+  for threads in (2, 3, 64):  # 64: more threads than rows per thread allows; capped, same answer.
+    cpu: list[float] = []
+    got = labelling.rowwise_similarities(vectors, triplets, threads=threads, cpu_seconds=cpu)
+    np.testing.assert_array_equal(got, one)
+    assert len(cpu) == 1 and cpu[0] >= 0.0
+  a = labelling.label_block(vectors, triplets, raw_vectors=vectors[:, ::-1], threads=2)
+  b = labelling.label_block(vectors, triplets, raw_vectors=vectors[:, ::-1])
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
