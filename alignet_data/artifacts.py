@@ -84,7 +84,7 @@ def input_digest(url: str) -> str:
   if fs.isfile(path):
     return "file:" + sha256_file(fs, path)
   if fs.isdir(path):
-    listing = sorted((p, fs.size(p)) for p in fs.find(path))
+    listing = sorted((p, info["size"]) for p, info in fs.find(path, detail=True).items())  # One listing call.
     return "dir:" + digest(listing)
   raise FileNotFoundError(f"Input not found: {url}")
 

@@ -26,6 +26,7 @@ import logging
 import os
 import posixpath
 import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,26 @@ class ReadTask:
   stop: int
   items: tuple = ()
   listing: tuple[str, int, int] | None = None
+
+
+def gather(split: str, records: Iterable[tuple[int, str, Callable[[], tuple[int, str, np.ndarray]]]]
+           ) -> tuple[ImageBlock, list[DecodeFailure]]:
+  """An ImageBlock of the records that load, and a DecodeFailure (dead letter) for each that raises ValueError or
+  OSError. `records` yields (id, name to report on failure, load() -> (label, file name, image))."""
+  ids, labels, names, images, failures = [], [], [], [], []
+  for i, failure_name, load in records:
+    try:
+      label, name, image = load()
+    except (ValueError, OSError) as e:
+      failures.append(DecodeFailure(split, i, failure_name, str(e)))
+      continue
+    ids.append(i)
+    labels.append(label)
+    names.append(name)
+    images.append(image)
+  block = ImageBlock(split, np.array(ids, np.int64), np.array(labels, np.int64), np.array(names, dtype=str),
+                     _stack_or_list(images))
+  return block, failures
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -285,22 +306,14 @@ class FilesSource(ImageSource):
 
   def read(self, task: ReadTask) -> tuple[ImageBlock, list[DecodeFailure]]:
     fs, _ = artifacts.url_to_fs(self.pattern)
-    ids, labels, names, images, failures = [], [], [], [], []
-    for i, (label, path) in zip(range(task.start, task.stop), self._items(task), strict=True):
-      name = self.file_name(path)
-      try:
-        with fs.open(path, "rb") as f:
-          image = decode_image(f.read())
-      except (ValueError, OSError) as e:
-        failures.append(DecodeFailure(task.split, i, name, str(e)))
-        continue
-      ids.append(i)
-      labels.append(label)
-      names.append(name)
-      images.append(image)
-    block = ImageBlock(task.split, np.array(ids, np.int64), np.array(labels, np.int64),
-                       np.array(names, dtype=str), _stack_or_list(images))
-    return block, failures
+
+    def load(label: int, path: str) -> tuple[int, str, np.ndarray]:
+      with fs.open(path, "rb") as f:
+        return label, self.file_name(path), decode_image(f.read())
+
+    items = zip(range(task.start, task.stop), self._items(task), strict=True)
+    return gather(task.split, ((i, self.file_name(path), functools.partial(load, label, path))
+                               for i, (label, path) in items))
 
   def metadata(self) -> dict[str, Any]:
     return {"label_scheme": self.label_scheme, "label_names": self.label_names}
@@ -445,22 +458,13 @@ class TfdsSource(ImageSource):
         yield i, ValueError(f"cannot decode image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
   def read(self, task: ReadTask) -> tuple[ImageBlock, list[DecodeFailure]]:
-    ids, labels, names, images, failures = [], [], [], [], []
-    for i, record in self._records(self._ds(), task):
-      try:
-        if isinstance(record, Exception):
-          raise record
-        label, name, image = self._parse(record, i)
-      except (ValueError, OSError) as e:
-        failures.append(DecodeFailure(task.split, i, f"{self.name}/{self.split}/{i}", str(e)))
-        continue
-      ids.append(i)
-      labels.append(label)
-      names.append(name)
-      images.append(image)
-    block = ImageBlock(task.split, np.array(ids, np.int64), np.array(labels, np.int64),
-                       np.array(names, dtype=str), _stack_or_list(images))
-    return block, failures
+    def load(record: Any, i: int) -> tuple[int, str, np.ndarray]:
+      if isinstance(record, Exception):
+        raise record
+      return self._parse(record, i)
+
+    return gather(task.split, ((i, f"{self.name}/{self.split}/{i}", functools.partial(load, record, i))
+                               for i, record in self._records(self._ds(), task)))
 
 
 def parse(spec: str, *, tfds_data_dir: str | None = None) -> ImageSource:

@@ -73,30 +73,37 @@ def validate_triplets(triplets: np.ndarray, n_objects: int | None = None, name: 
   return arr
 
 
-def _read_array(url: str) -> np.ndarray:
+def read_array(url: str, npz_keys: tuple[str, ...] = ()) -> np.ndarray:
+  """A numeric array from a .npy, a .npz (the first of `npz_keys` it holds, else its first array) or a
+  whitespace-separated text file, on any fsspec filesystem; clear errors for missing, empty or unparsable files."""
   fs, path = artifacts.url_to_fs(url)
   if not fs.isfile(path):
-    raise FileNotFoundError(f"Triplet file not found: {url}")
+    raise FileNotFoundError(f"File not found: {url}")
   with fs.open(path, "rb") as f:
     data = f.read()
-  if path.endswith(".npy"):
+  if path.endswith((".npy", ".npz")):
     try:
-      return np.load(io.BytesIO(data), allow_pickle=False)
+      loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
-      raise ValueError(f"{url}: not a valid .npy array ({e}).") from e
+      raise ValueError(f"{url}: not a valid {path.rsplit('.', 1)[1]} file ({e}).") from e
+    if isinstance(loaded, np.ndarray):
+      return loaded
+    with loaded as z:
+      if not z.files:
+        raise ValueError(f"{url}: holds no arrays.")
+      return z[next((k for k in npz_keys if k in z.files), z.files[0])]
   text = data.decode("utf-8", errors="replace")
   if not text.strip():
-    raise ValueError(f"{url}: is empty (no triplets); give a file with at least one row (i, j, odd).")
+    raise ValueError(f"{url}: is empty; give a file with at least one row.")
   try:
     return np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2)
   except ValueError as e:
-    raise ValueError(f"{url}: cannot parse as whitespace-separated integer columns (i, j, odd[, subject]): "
-                     f"{e}") from e
+    raise ValueError(f"{url}: cannot parse as whitespace-separated numeric columns: {e}") from e
 
 
 def read_triplet_file(url: str, n_objects: int | None = None) -> TripletFile:
   """Load and validate a triplet file (.npy or text; 3 columns, or 4 with a subject id)."""
-  arr = _read_array(url)
+  arr = read_array(url)
   if arr.ndim == 2 and arr.shape[1] == 4 and arr.shape[0] > 0:
     subjects = arr[:, 3]
     if np.issubdtype(subjects.dtype, np.number) and not np.issubdtype(subjects.dtype, np.integer):

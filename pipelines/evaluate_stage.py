@@ -430,22 +430,6 @@ class Subject:
 # --------------------------------------------------------------------------------------------------- run
 
 
-def _read_array(url: str) -> np.ndarray:
-  import io
-  fs, path = artifacts.url_to_fs(url)
-  if not fs.isfile(path):
-    raise FileNotFoundError(f"File not found: {url}")
-  with fs.open(path, "rb") as f:
-    data = f.read()
-  if url.endswith(".npy"):
-    return np.load(io.BytesIO(data), allow_pickle=False)
-  if url.endswith(".npz"):
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-      key = next((k for k in ("probs", "test_probs", "soft_labels") if k in z.files), z.files[0])
-      return z[key]
-  return np.loadtxt(io.StringIO(data.decode()), ndmin=2)
-
-
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
   del beam_args  # Not a Beam stage.
   from tqdm import tqdm
@@ -524,8 +508,11 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
     if human is not None and not np.array_equal(human["test_triplets"], triplets):
       raise ValueError(f"The soft labels of {config['things_soft_labels']} are for its own test triplets, not for "
                        f"{config['things_triplets']}: leave --things-triplets out to use them.")
-    soft = np.asarray(human["test_probs"] if human is not None else _read_array(config["things_soft_labels"]),
-                      np.float64)
+    if human is not None:
+      soft = np.asarray(human["test_probs"], np.float64)
+    else:
+      soft = np.asarray(things.read_array(config["things_soft_labels"], ("probs", "test_probs", "soft_labels")),
+                        np.float64)
     if soft.shape != triplets.shape:
       raise ValueError(f"things_soft_labels {config['things_soft_labels']} has shape {soft.shape}; it needs one "
                        f"row of 3 pair probabilities per triplet: {triplets.shape}.")
