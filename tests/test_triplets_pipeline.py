@@ -114,11 +114,15 @@ def _data_hashes(art):
   return {k: v["sha256"] for k, v in art.files.items() if k != "report.json"}
 
 
-def test_same_bytes_whatever_block_size_and_worker_count(world, triplets, tmp_path):
+def test_same_bytes_whatever_block_size_worker_and_thread_count(world, triplets, tmp_path):
   _, _, _, config = world
   other = _run(config | {"block_size": 211}, tmp_path / "t2",
                ["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
   assert _data_hashes(other) == _data_hashes(triplets)
+  # Labelling kernel threads cut each block into chunks at other places: still the same bytes.
+  threaded = _run(config | {"block_size": 1500, "label_threads": 3}, tmp_path / "t4")
+  assert threaded.report["timing"]["label_threads"] == 3
+  assert _data_hashes(threaded) == _data_hashes(triplets)
   # Another shard count re-cuts the same triplets.
   one = _run(config | {"num_shards": 1, "formats": ["parquet"]}, tmp_path / "t3")
   a, b = shards.read_split(triplets, "train"), shards.read_split(one, "train")
