@@ -135,6 +135,7 @@ def test_batches_are_a_function_of_seed_and_step(shards_url, tiny_model):
   assert not np.array_equal(epoch0, epoch1)  # a new order each epoch
   other = input_pipeline.train_rows(len(data), 32, seed=4)
   assert not np.array_equal(rows[0], other[0])  # another seed, another order
+  assert not np.array_equal(rows[8], other[0])  # ... not just the next seed's epochs shifted by one
 
   # 250 rows in batches of 32: 7 batches an epoch, 26 rows dropped (a different 26 each epoch).
   short = input_pipeline.train_rows(250, 32, seed=0)

@@ -349,14 +349,14 @@ def train_rows(n: int, batch_size: int, seed: int) -> grain.MapDataset:
   rows of step `step` (0-based), a pure function of (seed, step).
 
   Grain's shuffle is a stateless permutation of indices (no buffer, no state to checkpoint); past the first epoch
-  it shuffles with seed + epoch, so each epoch is a fresh permutation of all n rows, whose last partial batch
-  `drop_remainder` drops. (So seeds s and s + 1 see the same epoch orders one epoch apart: vary seeds by more
-  than the number of epochs when runs must differ in every epoch.)
+  it shuffles with its seed + epoch, so each epoch is a fresh permutation of all n rows, whose last partial batch
+  `drop_remainder` drops. Its seed is a hash of ours: given seed s itself, seeds s and s + 1 would see the same
+  epoch orders one epoch apart.
   """
   if batch_size <= 0 or n // batch_size == 0:
     raise ValueError(f"batch_size {batch_size} must be in [1, {n}] (the number of training triplets).")
-  return (grain.MapDataset.range(n).shuffle(seed=check_seed(seed)).batch(batch_size, drop_remainder=True)
-          .repeat())
+  shuffle_seed = int(np.random.SeedSequence(check_seed(seed)).generate_state(1, np.uint32)[0])
+  return (grain.MapDataset.range(n).shuffle(seed=shuffle_seed).batch(batch_size, drop_remainder=True).repeat())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity hash, no elementwise array comparison.
