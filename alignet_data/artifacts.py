@@ -49,6 +49,26 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
   return protocol in ("file", "local")
 
 
+def write_bytes(url: str, data: bytes | memoryview) -> None:
+  """Write a whole file at `url` (any fsspec URL), making its parent folders."""
+  fs, path = url_to_fs(url)
+  fs.makedirs(posixpath.dirname(path), exist_ok=True)
+  with fs.open(path, "wb") as f:
+    f.write(data)
+
+
+def json_bytes(obj: Any) -> bytes:
+  """The project's JSON file layout: indented, keys sorted, numpy scalars/arrays as plain values."""
+  return (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+
+
+def read_json(url: str) -> Any:
+  """A JSON file at any fsspec URL (FileNotFoundError when it is missing)."""
+  fs, path = url_to_fs(url)
+  with fs.open(path, "rb") as f:
+    return json.loads(f.read())
+
+
 def canonical_json(obj: Any) -> str:
   return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
 
@@ -224,7 +244,7 @@ class ArtifactWriter:
 
   def write_json(self, name: str, obj: Any) -> None:
     with self.open(name, "wb") as f:
-      f.write((json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+      f.write(json_bytes(obj))
 
   def write_npz(self, name: str, **arrays: np.ndarray) -> None:
     """Uncompressed npz: byte-identical for identical arrays (zip entries carry a fixed date)."""

@@ -278,10 +278,7 @@ class FilesSource(ImageSource):
     lines = [(json.dumps(pair) + "\n").encode() for pair in pairs]
     offsets = np.concatenate([[0], np.cumsum([len(line) for line in lines])]).tolist()
     url = artifacts.join(staging, f"{split}.listing.jsonl")
-    fs, path = artifacts.url_to_fs(url)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-      f.write(b"".join(lines))
+    artifacts.write_bytes(url, b"".join(lines))
     return [dataclasses.replace(t, listing=(url, offsets[t.start], offsets[t.stop])) for t in tasks]
 
   @staticmethod

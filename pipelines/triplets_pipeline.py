@@ -290,26 +290,17 @@ def write_shard(inputs: TripletInputs, config: dict[str, Any], out_url: str, spl
       (shards.write_parquet if fmt == "parquet" else shards.write_tfrecord)(url, record)
   if "npz" in config["formats"]:
     for name, array in shards.npz_arrays(record, inputs.emb.file_names.dtype).items():
-      _write_bytes(artifacts.join(out_url, _npz_part(split, shard, name)), np.ascontiguousarray(array))
+      artifacts.write_bytes(artifacts.join(out_url, _npz_part(split, shard, name)),
+                            memoryview(np.ascontiguousarray(array)).cast("B"))
   stats = shard_stats(columns, int(config["entropy_bins"]))
   stats["seconds"] = {"make": made - tic, "label": timer.get("label_seconds", 0.0),
                       "label_cpu": timer.get("label_cpu_seconds", 0.0), "write": time.perf_counter() - made}
-  fs, path = artifacts.url_to_fs(artifacts.join(out_url, _STATS_DIR, f"{split}-{shard:05d}.json"))
-  fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-  with fs.open(path, "w") as f:
-    json.dump(stats, f)
+  artifacts.write_bytes(artifacts.join(out_url, _STATS_DIR, f"{split}-{shard:05d}.json"), artifacts.json_bytes(stats))
   return stats
 
 
 def _npz_part(split: str, shard: int, name: str) -> str:
   return f"{_NPZ_PARTS}/{split}-{shard:05d}.{name}.bin"
-
-
-def _write_bytes(url: str, array: np.ndarray) -> None:
-  fs, path = artifacts.url_to_fs(url)
-  fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-  with fs.open(path, "wb") as f:
-    f.write(memoryview(array).cast("B"))
 
 
 # --------------------------------------------------------------------------------------------------- Beam

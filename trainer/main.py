@@ -122,18 +122,15 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   print("[train] config:\n" + json.dumps(config, indent=2, sort_keys=True), flush=True)
   if args.print_config:
     return 0
-  fs, root = artifacts.url_to_fs(workdir)
-  saved = artifacts.join(root, "config.json")
-  if fs.isfile(saved):
-    with fs.open(saved, "rb") as f:
-      previous = json.loads(f.read())
+  saved = artifacts.join(workdir, "config.json")
+  fs, path = artifacts.url_to_fs(saved)
+  if fs.isfile(path):
+    previous = artifacts.read_json(saved)
     changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
     if changed:
       print(f"[train] config differs from the last run in {workdir} in {changed} (resuming anyway; a new `steps` "
             "stretches the learning-rate schedule)", flush=True)
-  fs.makedirs(root, exist_ok=True)
-  with fs.open(saved, "wb") as f:
-    f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+  artifacts.write_bytes(saved, artifacts.json_bytes(config))
   print(f"[train] checkpoints: {ckpt_dir}; TensorBoard: {artifacts.join(workdir, 'tensorboard')}; metrics: "
         f"{artifacts.join(workdir, 'metrics.jsonl')}, {artifacts.join(workdir, 'metrics.json')}", flush=True)
   result = train.train_and_evaluate(config, workdir)

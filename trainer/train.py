@@ -532,8 +532,12 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   if before is not None:
     result.update({f"{k}_before": v for k, v in before.items() if k != "val_triplets"})
   else:  # Resumed: keep the figures from before training that the first run of this workdir measured.
-    result.update({k: v for k, v in _read_json(metrics_url).items() if k.endswith("_before")})
-  _write_json(metrics_url, result)
+    try:
+      previous = artifacts.read_json(metrics_url)
+    except FileNotFoundError:
+      previous = {}
+    result.update({k: v for k, v in previous.items() if k.endswith("_before")})
+  artifacts.write_bytes(metrics_url, artifacts.json_bytes(result))
   before_acc = result.get("val_triplet_accuracy_before")
   log(f"[train] val triplet accuracy {'?' if before_acc is None else f'{before_acc:.3f}'} -> "
       f"{result['val_triplet_accuracy']:.3f}; {result['steps_per_second']:.2f} steps/s")
@@ -559,20 +563,6 @@ def _jsonl_row(row: Mapping[str, Any]) -> bytes:
   return (json.dumps(row, sort_keys=True) + "\n").encode()
 
 
-def _read_json(url: str) -> dict[str, Any]:
-  fs, path = artifacts.url_to_fs(url)
-  if not fs.isfile(path):
-    return {}
-  with fs.open(path, "rb") as f:
-    return json.loads(f.read())
-
-
-def _write_json(url: str, obj: Any) -> None:
-  fs, path = artifacts.url_to_fs(url)
-  with fs.open(path, "wb") as f:
-    f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def _read_jsonl(url: str, upto: int) -> list[dict[str, Any]]:
   fs, path = artifacts.url_to_fs(url)
   if not fs.isfile(path):
@@ -593,13 +583,11 @@ def export_student(workdir: str, params: Mapping[str, Any], model: Any) -> str:
     head = jax.tree.map(np.asarray, params["head"])
     buf = io.BytesIO()  # zipfile seeks; object-store writers cannot.
     np.savez(buf, kernel=head["kernel"], bias=head["bias"])
-    fs, path = artifacts.url_to_fs(artifacts.join(workdir, "triplet_head.npz"))
-    with fs.open(path, "wb") as f:
-      f.write(buf.getvalue())
+    artifacts.write_bytes(artifacts.join(workdir, "triplet_head.npz"), buf.getvalue())
   info = {"model": name, "model_config": dict(model.config), "checkpoint": "student.npz",
           "head": "triplet_head.npz" if "head" in params else None,
           "representation": "encoder (embed_fn); the triplet head, if any, is saved separately"}
-  _write_json(artifacts.join(workdir, "student.json"), info)
+  artifacts.write_bytes(artifacts.join(workdir, "student.json"), artifacts.json_bytes(info))
   return f"{name}:{url}"
 
 
@@ -611,11 +599,9 @@ def load_student(train_url: str) -> Any:
   if art is not None:
     info, path = art.read_json("student.json"), art.path("student.npz")
   else:  # A bare workdir of train_and_evaluate (no manifest).
-    fs, root = artifacts.url_to_fs(train_url)
-    student_json = artifacts.join(root, "student.json")
-    if not fs.isfile(student_json):
-      raise FileNotFoundError(f"{train_url} has no student.json: is it a train artifact (run `alignet train`)?")
-    with fs.open(student_json, "rb") as f:
-      info = json.loads(f.read())
+    try:
+      info = artifacts.read_json(artifacts.join(train_url, "student.json"))
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{train_url} has no student.json: is it a train artifact (run `alignet train`)?") from e
     path = artifacts.join(train_url, info["checkpoint"])
   return models.from_checkpoint(info["model_config"], path, prefix="")
