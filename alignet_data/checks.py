@@ -1,0 +1,45 @@
+"""Input checks shared by every stage: one rule for names that become paths, one for finite numbers.
+
+A failed check raises `InputError` (a `ValueError`): the CLI prints it as one line,
+``alignet <stage>: error: <what> (<which file>)``, and exits 1.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+# A name that becomes a path component: letters, digits, '.', '_', '-'; starts with a letter or digit (so never
+# '.', '..' or a hidden name), at most 128 characters.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class InputError(ValueError):
+  """Bad input (a file, an array, a flag's value): the user can fix it; the message says what and where."""
+
+
+def check_name(value: object, what: str) -> str:
+  """`value` if it is safe as one path component (no '/', no '..', not hidden); else InputError naming `what`."""
+  text = str(value)
+  if not _NAME_RE.match(text) or ".." in text:
+    raise InputError(f"Bad {what} {text!r}: a name may hold letters, digits, '.', '_' and '-', start with a "
+                     "letter or digit, and contain no '..' (it becomes a file or folder name).")
+  return text
+
+
+def require_finite(x: np.ndarray, what: str) -> np.ndarray:
+  """`x` unchanged if every value is finite; else InputError naming `what` and the first bad row.
+
+  Call it where numbers enter a stage (embeddings, transforms, similarity matrices, soft labels): NaN or inf
+  would otherwise flow into argmax/tie logic and score as a hit, or crash deep inside faiss.
+  """
+  arr = np.asarray(x)
+  if arr.dtype.kind not in "fc":
+    return x
+  finite = np.isfinite(arr)
+  if finite.all():
+    return x
+  rows = finite.reshape(len(arr), -1).all(axis=1) if arr.ndim > 1 else finite.reshape(-1)
+  bad = np.flatnonzero(~rows)
+  raise InputError(f"{what} holds {int((~finite).sum())} non-finite value(s) (NaN or inf) in {len(bad)} row(s), "
+                   f"first at row {int(bad[0])}: numbers must be finite.")
