@@ -5,21 +5,35 @@ An artifact is a directory (any fsspec URL: a local folder, ``gs://...``, ``memo
 version, input digests, row counts, per-file sha256, created time). The manifest is written LAST: an artifact
 without one is incomplete and never read. A stage writes into ``<parent>/.<name>.incomplete`` and moves it into
 place only when complete (a directory rename on local disks; on object stores, files first and the manifest
-last). A rerun whose manifest matches the stage, config and input digests is skipped.
+last). A rerun whose manifest matches the stage, config, input digests and code version is skipped.
+
+Safety rules (our product is trustworthy data):
+- ownership: a stage writes ``out`` only if it does not exist, is empty, or holds a (complete or interrupted)
+  artifact of the same stage and nothing else; ``out`` never equals, contains or lies inside an input;
+- one writer: ``<parent>/.<name>.lock`` is created exclusively (host, pid, start time, writer id); the staging
+  folder ``<parent>/.<name>.incomplete-<writer id>`` is the writer's own; the commit re-checks both;
+- verified inputs: every input artifact's files are checked against its manifest sha256 before use.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import functools
 import hashlib
 import json
 import os
+import pathlib
 import posixpath
+import secrets
+import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import fsspec
 import numpy as np
+
+from alignet_data.checks import InputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,12 +41,38 @@ REPORT = "report.json"
 _CHUNK = 1 << 22
 
 
+INCOMPLETE_MARKER = ".alignet-incomplete.json"  # In `out` while an object-store commit copies files into it.
+_SOURCE_PACKAGES = ("alignet_data", "pipelines", "trainer")
+
+
+@functools.cache
 def code_version() -> str:
+  """The installed package's version plus a digest of the code's source (every .py of the project's packages
+  and the shard schemas), so that an artifact written by other code is never silently reused."""
   from importlib import metadata
   try:
-    return metadata.version("alignet-data")
+    version = metadata.version("alignet-data")
   except metadata.PackageNotFoundError:
-    return "unknown"
+    version = "unknown"
+  return f"{version}+src.{source_digest()[:16]}"
+
+
+@functools.cache
+def source_digest() -> str:
+  """sha256 over (relative path, bytes) of the project's source files, in path order; computed once."""
+  import importlib.util
+  files: dict[str, pathlib.Path] = {}
+  for package in _SOURCE_PACKAGES:
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+      root = pathlib.Path(next(iter(spec.submodule_search_locations)))
+      files.update({f"{package}/{p.relative_to(root).as_posix()}": p for p in root.rglob("*.py")})
+  schemas = pathlib.Path(__file__).resolve().parents[1] / "schemas"
+  files.update({f"schemas/{p.name}": p for p in schemas.glob("*.json")})
+  h = hashlib.sha256()
+  for rel in sorted(files):
+    h.update(rel.encode() + b"\0" + files[rel].read_bytes() + b"\0")
+  return h.hexdigest()
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -63,10 +103,15 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def read_json(url: str) -> Any:
-  """A JSON file at any fsspec URL (FileNotFoundError when it is missing)."""
+  """A JSON file at any fsspec URL (FileNotFoundError when it is missing; InputError naming it when it is not
+  valid JSON, e.g. truncated)."""
   fs, path = url_to_fs(url)
   with fs.open(path, "rb") as f:
-    return json.loads(f.read())
+    data = f.read()
+  try:
+    return json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f"{url} is not valid JSON ({e}); is it truncated?") from e
 
 
 def canonical_json(obj: Any) -> str:
@@ -166,8 +211,9 @@ class Artifact:
     return sorted(n for n in self.files if fnmatch.fnmatch(n, pattern))
 
   def read_json(self, name: str) -> Any:
-    with self.open(name, "rb") as f:
-      return json.loads(f.read())
+    if name not in self.files:
+      raise FileNotFoundError(f"{name!r} is not in artifact {self.url} (has: {sorted(self.files)})")
+    return read_json(self.path(name))
 
   def load_npz(self, name: str) -> dict[str, np.ndarray]:
     with self.open(name, "rb") as f:
@@ -178,12 +224,18 @@ class Artifact:
   def report(self) -> dict[str, Any]:
     return self.read_json(REPORT)
 
-  def verify(self, names: list[str] | None = None) -> None:
-    """Recompute sha256 of files (all by default); raise ChecksumError on a mismatch."""
-    for name in names if names is not None else sorted(self.files):
-      actual = sha256_file(self.fs, self.local_path(name))
-      if actual != self.files[name]["sha256"]:
-        raise ChecksumError(f"{self.path(name)}: sha256 {actual} != manifest {self.files[name]['sha256']}")
+  def verify(self, names: Iterable[str] | None = None, threads: int | None = None) -> None:
+    """Recompute the sha256 of files (all by default), streaming, several files at once (hashlib releases the
+    GIL); raise ChecksumError naming the first bad file (in name order) and both digests."""
+    names = sorted(self.files) if names is None else list(names)
+    threads = threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      actual = dict(zip(names, pool.map(lambda n: sha256_file(self.fs, self.local_path(n)), names), strict=True))
+    for name in names:
+      if actual[name] != self.files[name]["sha256"]:
+        raise ChecksumError(f"{self.path(name)} does not match its manifest: sha256 {actual[name]}, manifest says "
+                            f"{self.files[name]['sha256']} (the file changed after the artifact was written; "
+                            "regenerate it, or pass --no-verify to use it anyway)")
 
 
 def load(url: str, stage: str | None = None) -> Artifact:
@@ -193,8 +245,9 @@ def load(url: str, stage: str | None = None) -> Artifact:
   if not fs.isfile(manifest_path):
     hint = f" (run `alignet {stage}` first)" if stage else ""
     raise IncompleteArtifactError(f"No complete artifact at {url}: {MANIFEST} is missing{hint}.")
-  with fs.open(manifest_path, "rb") as f:
-    manifest = json.loads(f.read())
+  manifest = read_json(join(url, MANIFEST))
+  if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    raise InputError(f"{join(url, MANIFEST)} is not an artifact manifest (no `files` table).")
   if stage is not None and manifest.get("stage") != stage:
     raise ValueError(f"{url} is a {manifest.get('stage')!r} artifact, expected {stage!r}.")
   if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -209,38 +262,234 @@ def try_load(url: str) -> Artifact | None:
     return None
 
 
-class ArtifactWriter:
-  """Writes one artifact into a hidden temporary directory; `commit` makes it visible."""
+class OwnershipError(InputError):
+  """An output path this stage may not write (it holds something that is not its own, or overlaps an input)."""
 
-  def __init__(self, url: str, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]):
+
+class LockedError(InputError):
+  """Another writer holds the output's lock."""
+
+
+def _location(url: str) -> tuple[str, str]:
+  """(protocol, absolute normalised path) of a URL, for comparing locations."""
+  fs, path = url_to_fs(url)
+  protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+  if is_local(fs):
+    return "file", os.path.realpath(path)
+  return protocol, posixpath.normpath("/" + path.strip("/"))
+
+
+def overlap(a: str, b: str) -> str | None:
+  """How location `a` relates to `b`: "equal to", "inside", "containing", or None when they are apart."""
+  (pa, xa), (pb, xb) = _location(a), _location(b)
+  if pa != pb:
+    return None
+  if xa == xb:
+    return "equal to"
+  if xa.startswith(xb.rstrip("/") + "/"):
+    return "inside"
+  if xb.startswith(xa.rstrip("/") + "/"):
+    return "containing"
+  return None
+
+
+def input_locations(input_urls: Mapping[str, str]) -> dict[str, str]:
+  """The input URLs that name a location (image-source specs like `demo:URL:pool` give their URL)."""
+  return {name: url for name, url in input_urls.items() if url}
+
+
+def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> None:
+  """Refuse (OwnershipError) to write `url` unless it is absent, empty, or this stage's own artifact.
+
+  "Own artifact" means a manifest (or, mid-commit on an object store, the incomplete marker) of the same stage,
+  and no file beside the ones it lists: nothing a user put there is ever deleted, not even with --force.
+  """
+  for name, input_url in input_locations(dict(input_urls)).items():
+    how = overlap(url, input_url)
+    if how:
+      raise OwnershipError(f"--out {url} is {how} the input `{name}` ({input_url}): a stage never writes over "
+                           "its own inputs; choose another --out.")
+  fs, path = url_to_fs(url)
+  if not fs.exists(path):
+    return
+  if not fs.isdir(path):
+    raise OwnershipError(f"--out {url} is a file, not an artifact folder; nothing was written.")
+  found = sorted(n for n in (posixpath.relpath(p, path) for p in fs.find(path, withdirs=True)) if n != ".")
+  if not found:
+    return
+  refuse = (f"--out {url} is not empty and is not a {stage!r} artifact; refusing to replace it (nothing was "
+            "deleted). Choose another --out, or empty it yourself")
+  owner: dict[str, Any] = {}
+  for marker in (MANIFEST, INCOMPLETE_MARKER):
+    if marker in found:
+      try:
+        owner = read_json(join(url, marker))
+      except (InputError, OSError):
+        owner = {}
+      break
+  if not isinstance(owner, dict) or not owner.get("stage"):
+    raise OwnershipError(f"{refuse} (it holds {len(found)} entries, e.g. {found[0]!r}).")
+  if owner.get("stage") != stage:
+    raise OwnershipError(f"--out {url} holds a {owner.get('stage')!r} artifact, not a {stage!r} one; refusing to "
+                         "replace it (nothing was deleted). Choose another --out.")
+  listed = set(owner.get("files", {})) | {MANIFEST, INCOMPLETE_MARKER}
+  dirs = {posixpath.dirname(n) for n in listed}
+  parents = {"/".join(d.split("/")[:i]) for d in dirs for i in range(1, d.count("/") + 2)}
+  foreign = [n for n in found if n not in listed and n not in parents]
+  if foreign and MANIFEST in found:
+    raise OwnershipError(f"--out {url} holds a {stage!r} artifact AND {len(foreign)} entries it does not list "
+                         f"(e.g. {foreign[0]!r}); refusing to replace it (nothing was deleted). Move them away first.")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:  # A zombie (killed, not yet reaped) holds nothing.
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return True
+
+
+class WriteLock:
+  """An exclusive lock on one output location: `<parent>/.<name>.lock`, created with mode "xb".
+
+  The file records host, pid, start time and writer id. A lock left by a dead process of this host is
+  reclaimed; any other holder is reported with its details (delete the lock file only if that writer is gone).
+  """
+
+  def __init__(self, url: str, writer_id: str, log: Callable[[str], None] = print):
+    self.fs, final = url_to_fs(url.rstrip("/"))
+    parent, name = posixpath.split(final.rstrip("/"))
+    self.path = posixpath.join(parent, f".{name}.lock")
+    self.url = join(posixpath.dirname(url.rstrip("/")), f".{name}.lock") if "://" in url else self.path
+    self.writer_id = writer_id
+    self.log = log
+    self.held = False
+
+  def acquire(self) -> None:
+    self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "writer": self.writer_id,
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    for attempt in range(2):
+      try:
+        with self.fs.open(self.path, "xb") as f:
+          f.write(json_bytes(info))
+        self.held = True
+        return
+      except FileExistsError:
+        holder = self.holder()
+        stale = (holder is not None and holder.get("host") == info["host"]
+                 and not _pid_alive(int(holder.get("pid", -1))))
+        if attempt == 0 and (holder is None or stale):
+          self.log(f"reclaiming a stale lock {self.url} (held by {holder}; that process is gone)")
+          self.fs.rm(self.path)
+          continue
+        raise LockedError(f"{self.url} is held by another writer (host {holder.get('host')}, pid "
+                          f"{holder.get('pid')}, since {holder.get('started')}): one writer per output. Wait for "
+                          "it, or delete the lock file if that writer is gone.") from None
+
+  def holder(self) -> dict[str, Any] | None:
+    """The lock file's record, or None when it is missing or unreadable (a writer killed while creating it)."""
+    try:
+      with self.fs.open(self.path, "rb") as f:
+        record = json.loads(f.read())
+      return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+      return None
+
+  def check(self) -> None:
+    """Raise LockedError unless this writer still holds the lock."""
+    holder = self.holder()
+    if not self.held or holder is None or holder.get("writer") != self.writer_id:
+      raise LockedError(f"Lost the lock {self.url} (now held by {holder}); this writer's output is discarded.")
+
+  def release(self) -> None:
+    if self.held and (self.holder() or {}).get("writer") == self.writer_id:
+      self.fs.rm(self.path)
+    self.held = False
+
+
+def new_writer_id() -> str:
+  return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+class ArtifactWriter:
+  """Writes one artifact into its own hidden staging folder under an exclusive lock; `commit` makes it visible.
+
+  Use as a context manager (or call `close`): the lock is released and the staging folder removed on exit.
+  """
+
+  def __init__(self, url: str, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str], *,
+               input_urls: Mapping[str, str] = (), log: Callable[[str], None] = print):
     self.url = url.rstrip("/")
     self.stage = stage
     self.config = dict(config)
     self.inputs = dict(inputs)
+    self.input_urls = dict(input_urls)
+    self.writer_id = new_writer_id()
     self.fs, self._final = url_to_fs(self.url)
     parent, name = posixpath.split(self._final.rstrip("/"))
-    self._tmp = posixpath.join(parent, f".{name}.incomplete")
-    self.tmp_url = join(posixpath.dirname(self.url), f".{name}.incomplete") if "://" in self.url else self._tmp
+    self._parent, self._name = parent, name
+    staging = f".{name}.incomplete-{self.writer_id}"
+    self._tmp = posixpath.join(parent, staging)
+    self.tmp_url = join(posixpath.dirname(self.url), staging) if "://" in self.url else self._tmp
     self.rows: dict[str, int] = {}
-    if self.fs.exists(self._tmp):  # Left by a crashed run of this stage: start clean.
-      self.fs.rm(self._tmp, recursive=True)
-    self.fs.makedirs(self._tmp, exist_ok=True)
+    check_output(self.url, stage, self.input_urls)
+    self.lock = WriteLock(self.url, self.writer_id, log)
+    self.lock.acquire()
+    try:
+      check_output(self.url, stage, self.input_urls)  # Again, now that no other writer can change it.
+      self._clear_leftovers()
+      self.fs.makedirs(self._tmp, exist_ok=True)
+    except BaseException:
+      self.lock.release()
+      raise
+
+  def __enter__(self) -> ArtifactWriter:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+  def _clear_leftovers(self) -> None:
+    """Staging and trash folders of crashed writers of this output (we hold the lock: none is alive)."""
+    prefix = (f".{self._name}.incomplete", f".{self._name}.old-")
+    try:
+      entries = self.fs.ls(self._parent, detail=False)
+    except FileNotFoundError:
+      return
+    for entry in entries:
+      if posixpath.basename(entry.rstrip("/")).startswith(prefix):
+        self.fs.rm(entry, recursive=True)
+
+  def _inside(self, name: str) -> str:
+    """Path of `name` inside the staging folder; never outside it."""
+    norm = posixpath.normpath(name)
+    if name.startswith("/") or norm == ".." or norm.startswith("../") or norm == ".":
+      raise InputError(f"File name {name!r} would be written outside the artifact {self.url}.")
+    return posixpath.join(self._tmp, norm)
 
   def path(self, name: str) -> str:
-    """URL of a file to write inside the temporary directory (for Beam, pyarrow, ...)."""
-    return join(self.tmp_url, name)
+    """URL of a file to write inside the staging folder (for Beam, pyarrow, ...)."""
+    self._inside(name)
+    return join(self.tmp_url, posixpath.normpath(name))
 
   def local_path(self, name: str) -> str:
-    return posixpath.join(self._tmp, name)
+    return self._inside(name)
 
   def makedirs(self, name: str) -> str:
     self.fs.makedirs(self.local_path(name), exist_ok=True)
     return self.path(name)
 
   def open(self, name: str, mode: str = "wb"):
-    parent = posixpath.dirname(self.local_path(name))
-    self.fs.makedirs(parent, exist_ok=True)
-    return self.fs.open(self.local_path(name), mode)
+    path = self.local_path(name)
+    self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    return self.fs.open(path, mode)
 
   def write_json(self, name: str, obj: Any) -> None:
     with self.open(name, "wb") as f:
@@ -255,8 +504,14 @@ class ArtifactWriter:
     self.rows[name] = int(count)
 
   def abort(self) -> None:
-    if self.fs.exists(self._tmp):
-      self.fs.rm(self._tmp, recursive=True)
+    """Remove the staging folder and release the lock (nothing becomes visible)."""
+    try:
+      if self.fs.exists(self._tmp):
+        self.fs.rm(self._tmp, recursive=True)
+    finally:
+      self.lock.release()
+
+  close = abort
 
   def _file_table(self) -> dict[str, dict[str, Any]]:
     table = {}
@@ -268,7 +523,7 @@ class ArtifactWriter:
     return table
 
   def commit(self, report: Mapping[str, Any]) -> Artifact:
-    """Write report.json, then the manifest, then move the directory into place."""
+    """Write report.json, then the manifest, then move the staging folder into place; release the lock."""
     self.write_json(REPORT, dict(report))
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -280,35 +535,106 @@ class ArtifactWriter:
         "files": self._file_table(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    if self.fs.exists(self._final):
-      # --force: hide the old artifact first (manifest off), so no reader ever sees a mix of the two.
+    self.lock.check()  # Still ours, and `out` still holds nothing foreign.
+    check_output(self.url, self.stage, self.input_urls)
+    if is_local(self.fs):
+      self.write_json(MANIFEST, manifest)
+      trash = posixpath.join(self._parent, f".{self._name}.old-{self.writer_id}")
+      if os.path.lexists(self._final):  # --force or a changed config: the old artifact of this stage goes aside.
+        os.replace(self._final, trash)
+      os.replace(self._tmp, self._final)  # Atomic on one filesystem.
+      if os.path.lexists(trash):
+        self.fs.rm(trash, recursive=True)
+    else:
+      # Object stores have no directory rename. Hide the old artifact (manifest off) and mark `out` as this
+      # stage's incomplete artifact, then data files, then the manifest (the commit point), then unmark.
+      marker = posixpath.join(self._final, INCOMPLETE_MARKER)
       old_manifest = posixpath.join(self._final, MANIFEST)
       if self.fs.exists(old_manifest):
         self.fs.rm(old_manifest)
-      self.fs.rm(self._final, recursive=True)
-    if is_local(self.fs):
-      self.write_json(MANIFEST, manifest)
-      os.replace(self._tmp, self._final)  # Atomic on one filesystem.
-    else:
-      # Object stores have no directory rename: data files first, the manifest (the commit point) last.
+      with self.fs.open(marker, "wb") as f:
+        f.write(json_bytes({"stage": self.stage, "writer": self.writer_id}))
+      for p in self.fs.find(self._final):
+        if posixpath.relpath(p, self._final) != INCOMPLETE_MARKER:
+          self.fs.rm(p)
       for name in manifest["files"]:
         dst = posixpath.join(self._final, name)
         self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
         self.fs.copy(posixpath.join(self._tmp, name), dst)
-      with self.fs.open(posixpath.join(self._final, MANIFEST), "wb") as f:
-        f.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+      with self.fs.open(old_manifest, "wb") as f:
+        f.write(json_bytes(manifest))
+      self.fs.rm(marker)
       self.fs.rm(self._tmp, recursive=True)
+    self.lock.release()
     return Artifact(self.url, manifest)
 
 
-def is_up_to_date(url: str, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> Artifact | None:
-  """The existing artifact at url if it was made by this stage from this config and these inputs."""
+# ------------------------------------------------------------------------------------------- Verified inputs
+
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def verify_inputs(input_urls: Mapping[str, str], log: Callable[[str], None] = print) -> None:
+  """Check every input artifact's files against its manifest sha256, once per process per manifest.
+
+  An input that is a file inside an artifact (e.g. ``align/transform.npz``) is checked against that artifact's
+  manifest; a plain file or folder has nothing to be checked against.
+  """
+  for name, url in sorted(input_locations(dict(input_urls)).items()):
+    fs, path = url_to_fs(url)
+    if fs.isfile(posixpath.join(path, MANIFEST)):
+      art, names = load(url), None
+    else:
+      parent = posixpath.dirname(url.rstrip("/"))
+      if not fs.isfile(path) or not fs.isfile(posixpath.join(posixpath.dirname(path), MANIFEST)):
+        continue
+      art = load(parent)
+      base = posixpath.basename(path)
+      if base not in art.files:
+        continue
+      names = [base]
+    key = (json.dumps(_location(art.url)), art.digest + str(names), _listing_digest(art))
+    if key in _VERIFIED:
+      continue
+    start = time.perf_counter()
+    art.verify(names)
+    _VERIFIED.add(key)
+    count = len(art.files) if names is None else 1
+    log(f"verified input `{name}`: {count} files against {join(art.url, MANIFEST)} "
+        f"({time.perf_counter() - start:.1f} s)")
+
+
+def _listing_digest(art: Artifact) -> str:
+  """Digest of the artifact's file listing with sizes and modification stamps (one listing call): a file
+  rewritten since the last verification in this process is verified again."""
+  stamp = ("mtime", "updated", "generation", "etag", "created")
+  listing = sorted((p, info.get("size"), str(next((info[k] for k in stamp if info.get(k) is not None), "")))
+                   for p, info in art.fs.find(art.local_path(""), detail=True).items())
+  return digest(listing)
+
+
+# ------------------------------------------------------------------------------------------- Running a stage
+
+
+def is_up_to_date(url: str, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str], *,
+                  reuse_stale: bool = False, log: Callable[[str], None] = print) -> Artifact | None:
+  """The existing artifact at url if this code made it by this stage from this config and these inputs."""
   art = try_load(url)
   if art is None:
     return None
   same = (art.stage == stage and digest(art.config) == digest(json.loads(canonical_json(config)))
           and art.manifest.get("inputs") == dict(inputs))
-  return art if same else None
+  if not same:
+    return None
+  if art.manifest.get("code_version") != code_version():
+    if reuse_stale:
+      log(f"[{stage}] {url} was written by other code ({art.manifest.get('code_version')}, now {code_version()}); "
+          "reused as asked (--reuse-stale)")
+      return art
+    log(f"[{stage}] {url} was written by other code ({art.manifest.get('code_version')}, now {code_version()}): "
+        "rerunning (--reuse-stale keeps it)")
+    return None
+  return art
 
 
 def run_stage(
@@ -319,20 +645,29 @@ def run_stage(
     fn: Callable[[ArtifactWriter], Mapping[str, Any]],
     *,
     force: bool = False,
+    verify: bool = True,
+    reuse_stale: bool = False,
     log: Callable[[str], None] = print,
 ) -> Artifact:
   """Run `fn` to produce the artifact `out`, unless an up-to-date one exists (or `force`).
 
-  `fn` writes its files through the writer and returns the report (headline numbers); the wall time is added
-  as `seconds`. On any exception the temporary directory is removed and nothing becomes visible.
+  `out` must be this stage's to write (`check_output`); inputs are verified against their manifests first
+  (`verify=False` skips that, with a warning). `fn` writes its files through the writer and returns the report
+  (headline numbers); the wall time is added as `seconds`. On any exception the staging folder is removed and
+  nothing becomes visible.
   """
+  check_output(out, stage, input_urls)
   inputs = {name: input_digest(url) for name, url in sorted(input_urls.items())}
   if not force:
-    existing = is_up_to_date(out, stage, config, inputs)
+    existing = is_up_to_date(out, stage, config, inputs, reuse_stale=reuse_stale, log=log)
     if existing is not None:
       log(f"[{stage}] up to date, skipped: {existing.url}")
       return existing
-  writer = ArtifactWriter(out, stage, config, inputs)
+  if verify:
+    verify_inputs(input_urls, log=lambda m: log(f"[{stage}] {m}"))
+  else:
+    log(f"[{stage}] WARNING: inputs not verified against their manifests (--no-verify)")
+  writer = ArtifactWriter(out, stage, config, inputs, input_urls=input_urls, log=log)
   start = time.perf_counter()
   try:
     report = dict(fn(writer))

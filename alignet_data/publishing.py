@@ -1,15 +1,17 @@
 """Publish an artifact as an immutable, checksummed dataset version: ``<bucket>/<name>/<version>/``.
 
 Any fsspec filesystem (a local folder, ``gs://`` through gcsfs, ``memory://`` in tests). The protocol:
-1. refuse if ``<version>/manifest.json`` exists: a published version is never overwritten (bump the version);
-   a folder without a manifest is the debris of an interrupted publish and is cleared first;
-2. copy every file of the source artifact, hashing the bytes read (they must match the source manifest: a
-   corrupt source is never published) and then re-reading the copy (it must match too);
-3. write the dataset card (README.md, entropy histogram);
-4. write ``manifest.json`` LAST: the source manifest (so `artifacts.load` reads a published version like any
-   artifact, and `Artifact.verify` re-checks every sha256) with the card's files and a ``publication`` block.
-A version without a manifest is invisible, so an interrupted publish never shows a half-copied dataset.
-Two publishers racing on the same version are not arbitrated (object stores have no portable exclusive create).
+1. refuse a destination inside the source or containing it, and refuse if ``<version>/manifest.json`` exists:
+   a published version is never overwritten (bump the version);
+2. take the version's lock ``<name>/.<version>.lock`` (an exclusive create: local files, ``memory://`` and GCS's
+   ``ifGenerationMatch=0``): of two publishers racing on one version, one wins and the other is refused;
+3. copy every file of the source artifact into a hidden staging folder ``<name>/.<version>.incomplete-<writer>``,
+   hashing the bytes read (they must match the source manifest: a corrupt source is never published) and then
+   re-reading the copy (it must match too); add the dataset card (README.md, entropy histogram);
+4. move it into place: one rename on local disks; on object stores, the files then ``manifest.json`` LAST (the
+   source manifest, so `artifacts.load` reads a published version like any artifact and `Artifact.verify`
+   re-checks every sha256, with the card's files and a ``publication`` block).
+Any failure removes the staging folder: a refused or failed publish leaves nothing visible.
 """
 from __future__ import annotations
 
@@ -17,18 +19,17 @@ import datetime
 import hashlib
 import io
 import json
+import os
 import posixpath
-import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts
+from alignet_data import artifacts, checks
 
 CARD = "README.md"
 ENTROPY_PLOT = "entropy_histogram.png"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CHUNK = 1 << 22
 
 
@@ -37,10 +38,8 @@ class PublishError(ValueError):
 
 
 def version_url(bucket: str, name: str, version: str) -> str:
-  for what, value in (("name", name), ("version", version)):
-    if not _NAME_RE.match(str(value)):
-      raise ValueError(f"Bad dataset {what} {value!r}: use letters, digits, '.', '_' and '-' (e.g. 0.1.0).")
-  return artifacts.join(bucket, name, version)
+  return artifacts.join(bucket, checks.check_name(name, "dataset --name"),
+                        checks.check_name(version, "dataset --version"))
 
 
 def _copy_verified(src: artifacts.Artifact, name: str, fs, dst_path: str) -> int:
@@ -79,6 +78,10 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
             if_exists: str = "error", log: Callable[[str], None] = print) -> dict[str, Any]:
   """Publish `source` (a complete artifact) as `<bucket>/<name>/<version>/`.
 
+  The version is assembled in a hidden staging folder beside it, under an exclusive lock
+  (`<bucket>/<name>/.<version>.lock`), and moved into place when complete: a refused or failed publish leaves
+  nothing visible, and of two publishers racing on one version one wins and the other is refused.
+
   Args:
     if_exists: "error" (default) refuses an existing version; "skip_identical" accepts it when it holds the
       same data (every file's sha256 but report.json's), for resumable chains; anything else is refused.
@@ -87,36 +90,89 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
     {published_to, files, bytes, source, source_digest, already_published}.
 
   Raises:
-    PublishError: the version exists (and is not an identical publish under "skip_identical").
+    PublishError: the version exists (and is not an identical publish under "skip_identical"), or the
+      destination and the source overlap.
+    artifacts.LockedError: another publisher holds the version's lock.
     artifacts.ChecksumError: the source or the copy does not match the source manifest.
   """
   if if_exists not in ("error", "skip_identical"):
     raise ValueError(f"if_exists must be 'error' or 'skip_identical', got {if_exists!r}.")
   src = source if isinstance(source, artifacts.Artifact) else artifacts.load(source)
   dest = version_url(bucket, name, version)
+  how = artifacts.overlap(dest, src.url)
+  if how:
+    raise PublishError(f"The destination {dest} is {how} the source {src.url}: a published version must live "
+                       "apart from what it was published from; choose another --to.")
   fs, root = artifacts.url_to_fs(dest)
+  done = _already(fs, root, dest, src, if_exists, log)
+  if done is not None:
+    return done
+  writer_id = artifacts.new_writer_id()
+  lock = artifacts.WriteLock(dest, writer_id, log)
+  lock.acquire()
+  parent = posixpath.dirname(root.rstrip("/"))
+  staging = posixpath.join(parent, f".{version}.incomplete-{writer_id}")
+  try:
+    done = _already(fs, root, dest, src, if_exists, log)  # Another publisher may have finished meanwhile.
+    if done is not None:
+      return done
+    _clear_debris(fs, parent, root, version, dest, log)
+    manifest = _assemble(src, fs, staging, name, version, dest, card)
+    lock.check()
+    _move_into_place(fs, staging, root, manifest)
+  except BaseException:
+    if fs.exists(staging):
+      fs.rm(staging, recursive=True)
+    raise
+  finally:
+    lock.release()
+  log(f"[publish] published {len(manifest['files'])} files to {dest}")
+  return _result(dest, manifest, src, already=False)
+
+
+def _already(fs, root: str, dest: str, src: artifacts.Artifact, if_exists: str,
+             log: Callable[[str], None]) -> dict[str, Any] | None:
+  """The result for a version that exists (identical, under skip_identical), None if absent; else PublishError."""
   manifest_path = posixpath.join(root, artifacts.MANIFEST)
-  if fs.exists(manifest_path):
-    with fs.open(manifest_path, "rb") as f:
-      existing = json.loads(f.read())
-    same = existing.get("publication", {}).get("data_digest") == data_digest(src.files)
-    if if_exists == "skip_identical" and same:
-      log(f"[publish] {dest} already holds this artifact; nothing to do.")
-      return _result(dest, existing, src, already=True)
-    raise PublishError(f"{dest} already exists (published {existing.get('publication', {}).get('published')}); "
-                       f"a published version is never overwritten: publish under a new --version.")
-  if fs.exists(root):
-    log(f"[publish] clearing {dest}: left by an interrupted publish (it has no manifest).")
-    fs.rm(root, recursive=True)
+  if not fs.exists(manifest_path):
+    return None
+  existing = artifacts.read_json(artifacts.join(dest, artifacts.MANIFEST))
+  same = existing.get("publication", {}).get("data_digest") == data_digest(src.files)
+  if if_exists == "skip_identical" and same:
+    log(f"[publish] {dest} already holds this artifact; nothing to do.")
+    return _result(dest, existing, src, already=True)
+  raise PublishError(f"{dest} already exists (published {existing.get('publication', {}).get('published')}); "
+                     f"a published version is never overwritten: publish under a new --version.")
+
+
+def _clear_debris(fs, parent: str, root: str, version: str, dest: str, log: Callable[[str], None]) -> None:
+  """Remove what crashed publishers of this version left (we hold its lock): their staging folders, and a
+  version folder without a manifest that is empty or marked as an interrupted object-store commit."""
+  for entry in fs.ls(parent, detail=False) if fs.exists(parent) else []:
+    if posixpath.basename(entry.rstrip("/")).startswith(f".{version}.incomplete"):
+      fs.rm(entry, recursive=True)
+  if not fs.exists(root):
+    return
+  entries = [p for p in fs.find(root, withdirs=True) if p.rstrip("/") != root.rstrip("/")]
+  if entries and not fs.exists(posixpath.join(root, artifacts.INCOMPLETE_MARKER)):
+    raise PublishError(f"{dest} exists without a manifest and holds {len(entries)} entries that no publisher "
+                       "marked as its own; refusing to touch it (move it away, or publish another --version).")
+  log(f"[publish] clearing {dest}: left by an interrupted publish (it has no manifest).")
+  fs.rm(root, recursive=True)
+
+
+def _assemble(src: artifacts.Artifact, fs, staging: str, name: str, version: str, dest: str,
+              card: bool) -> dict[str, Any]:
+  """Copy and verify every source file into `staging`, add the card and the manifest; returns the manifest."""
   files = {}
   for fname in sorted(src.files):
-    _copy_verified(src, fname, fs, posixpath.join(root, fname))
+    _copy_verified(src, fname, fs, posixpath.join(staging, fname))
     files[fname] = dict(src.files[fname])
   if card:
     for fname, data in dataset_card(src, name, version, dest).items():
       if fname in files:
         raise PublishError(f"The source artifact already has a {fname}; publish it with card=False.")
-      files[fname] = _write(fs, posixpath.join(root, fname), data)
+      files[fname] = _write(fs, posixpath.join(staging, fname), data)
   manifest = dict(src.manifest)
   manifest["files"] = dict(sorted(files.items()))
   manifest["publication"] = {
@@ -124,9 +180,30 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
       "data_digest": data_digest(src.files),
       "published": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
-  _write(fs, manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())  # The commit point.
-  log(f"[publish] published {len(files)} files to {dest}")
-  return _result(dest, manifest, src, already=False)
+  return manifest
+
+
+def _move_into_place(fs, staging: str, root: str, manifest: dict[str, Any]) -> None:
+  """Local: the manifest into the staging folder, then one atomic rename. Object stores (no rename): mark the
+  version as an interrupted commit, copy the files, write the manifest (the commit point), unmark."""
+  body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+  if artifacts.is_local(fs):
+    _write(fs, posixpath.join(staging, artifacts.MANIFEST), body)
+    os.rename(staging, root)  # Fails rather than replace if a version appeared (it cannot: we hold the lock).
+    return
+  marker = posixpath.join(root, artifacts.INCOMPLETE_MARKER)
+  _write(fs, marker, artifacts.json_bytes({"stage": "publish", "version": manifest["publication"]["version"]}))
+  try:
+    for fname in manifest["files"]:
+      dst = posixpath.join(root, fname)
+      fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+      fs.copy(posixpath.join(staging, fname), dst)
+    _write(fs, posixpath.join(root, artifacts.MANIFEST), body)
+  except BaseException:
+    fs.rm(root, recursive=True)  # Never committed: nothing of it may stay visible.
+    raise
+  fs.rm(marker)
+  fs.rm(staging, recursive=True)
 
 
 def _result(dest: str, manifest: dict[str, Any], src: artifacts.Artifact, already: bool) -> dict[str, Any]:

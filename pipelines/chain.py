@@ -14,14 +14,15 @@ LEVELS = ("coarse", "fine", "boundary")
 
 
 def run_chain(preset: str, out: str, *, force: bool = False, beam_args: Sequence[str] = (),
-              until: str | None = None) -> dict[str, Any]:
+              until: str | None = None, verify: bool = True, reuse_stale: bool = False) -> dict[str, Any]:
   """Run (or resume) the chain into `out`; returns the summary (None-valued if the chain stopped early)."""
   start = time.perf_counter()
   configs = presets.configs(preset, out)
   arts: dict[str, artifacts.Artifact] = {}
   for i, (stage, config) in enumerate(configs.items(), 1):
     print(f"== [{i}/{len(configs)}] {stage}", flush=True)
-    arts[stage] = stages.run(stage, config, artifacts.join(out, stage), beam_args=beam_args, force=force)
+    arts[stage] = stages.run(stage, config, artifacts.join(out, stage), beam_args=beam_args, force=force,
+                             verify=verify, reuse_stale=reuse_stale)
     if stage == until:
       break
   if "evaluate" not in arts:

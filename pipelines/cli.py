@@ -6,8 +6,12 @@ Beam pipeline options (``--runner=DataflowRunner --project=... --region=... --te
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
+import traceback
+import zipfile
 from collections.abc import Sequence
 
 from pipelines import stages
@@ -19,14 +23,20 @@ _DESCRIPTION = (
 )
 
 
-# Errors that mean "your input or request is wrong" (missing artifact, bad file, checksum, refused publish): a
-# one-line message and exit status 1. ALIGNET_DEBUG=1 shows the traceback.
-_USER_ERRORS = (ValueError, OSError, KeyError)
+# Errors caused by input, environment (disk full, read-only, permissions) or a refused action: one line
+# `alignet <stage>: error: <what> (<which file>)` and exit status 1. Anything else is a bug of ours: its traceback
+# and exit status 2. ALIGNET_DEBUG=1 shows the traceback of every error.
+_USER_ERRORS = (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile)
+_USER_ERROR_NAMES = r"\w*(?:Error|Exception)"  # A worker's exception, as Beam's multi-process runners relay it.
+_RELAYED = re.compile(rf"(?:^|\n)(?:[\w.]+\.)?({_USER_ERROR_NAMES}): (.+?)(?: \[while running '[^\n]*'\])?$")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--out", required=True, help="Output artifact directory (local path or fsspec URL).")
+  parser.add_argument("--out", required=True,
+                      help="Output artifact directory (local path or fsspec URL); must be absent, empty or an "
+                      "artifact of this stage, and apart from every input.")
   parser.add_argument("--force", action="store_true", help="Rerun even if an up-to-date artifact exists.")
+  stages.add_safety_flags(parser)
 
 
 def _add_run(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +45,7 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", required=True, help="Run directory: one artifact per stage, and summary.json.")
   parser.add_argument("--force", action="store_true", help="Rerun every stage.")
   parser.add_argument("--until", choices=list(stages.STAGES), help="Stop after this stage.")
+  stages.add_safety_flags(parser)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -64,7 +75,8 @@ def _command(argv: Sequence[str]) -> str | None:
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
   if args.command == "run":
     from pipelines import chain
-    chain.run_chain(args.preset, args.out, force=args.force, beam_args=extra, until=args.until)
+    chain.run_chain(args.preset, args.out, force=args.force, beam_args=extra, until=args.until,
+                    verify=args.verify, reuse_stale=args.reuse_stale)
     return 0
   mod = stages.module(args.command)
   if hasattr(mod, "command"):
@@ -72,9 +84,70 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     # resumes in place) run their own flow; they still print where their outputs went.
     return mod.command(args, extra)
   config = mod.config_from_args(args)
-  art = stages.run(args.command, config, args.out, beam_args=extra, force=args.force)
+  art = stages.run(args.command, config, args.out, beam_args=extra, force=args.force, verify=args.verify,
+                   reuse_stale=args.reuse_stale)
   print(f"{args.command}: outputs in {art.url} (report: {art.path('report.json')})")
   return 0
+
+
+def _user_error(e: BaseException) -> str | None:
+  """The one-line message of an input/environment error, looking through Beam's wrapping; None for a bug."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, _USER_ERRORS):
+      if isinstance(seen, KeyError) and seen.args:
+        return str(seen.args[0])
+      return str(seen) or type(seen).__name__
+    seen = seen.__cause__ or seen.__context__
+  if isinstance(e, RuntimeError):  # Beam relays a worker's exception as text: "OSError: ... [while running 'X']".
+    match = _RELAYED.search(str(e).strip())
+    if match and match.group(1) in _relayable_names():
+      return match.group(2)
+  return None
+
+
+def _relayable_names() -> set[str]:
+  names = {"ValueError", "OSError", "KeyError", "EOFError", "BadZipFile", "InputError", "OwnershipError",
+           "LockedError", "ChecksumError", "IncompleteArtifactError", "PublishError"}
+  for base in (OSError, ValueError):
+    stack = [base]
+    while stack:
+      cls = stack.pop()
+      names.add(cls.__name__)
+      stack.extend(cls.__subclasses__())
+  return names
+
+
+def check_beam_flags(extra: Sequence[str]) -> None:
+  """Refuse a flag that no Beam pipeline option knows (Beam itself only logs "Discarding unparseable args", so a
+  typo in a real flag would silently fall back to its default)."""
+  if not extra:
+    return
+  runner = next((a.split("=", 1)[1] for a in extra if a.startswith("--runner=")), None)
+  if runner is None and "--runner" in extra and extra.index("--runner") + 1 < len(extra):
+    runner = extra[extra.index("--runner") + 1]
+  if runner and "." in runner:  # A runner by module path registers its own options (e.g. DaskRunner's --dask_*).
+    import importlib
+    try:
+      importlib.import_module(runner.rsplit(".", 1)[0])
+    except ImportError as e:
+      raise ValueError(f"--runner={runner}: cannot import its module ({e}).") from e
+  from apache_beam.options import pipeline_options
+  parser = pipeline_options._BeamArgumentParser(allow_abbrev=False)  # What PipelineOptions parses with.
+  stack = list(pipeline_options.PipelineOptions.__subclasses__())
+  seen: set[type] = set()
+  while stack:
+    cls = stack.pop()
+    if cls in seen:
+      continue
+    seen.add(cls)
+    cls._add_argparse_args(parser)
+    stack.extend(cls.__subclasses__())
+  _, unknown = parser.parse_known_args(list(extra))
+  flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
+  if flags:
+    raise ValueError(f"unknown flag(s) {', '.join(flags)}: neither this stage nor Beam's pipeline options know "
+                     "them (see `--help`; Beam options are spelt like --direct_num_workers=2).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,13 +157,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   is_beam = args.command == "run" or stages.STAGES[args.command][2]
   if extra and not (is_beam and all(a.startswith("--") or not a.startswith("-") for a in extra)):
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  debug = bool(os.environ.get("ALIGNET_DEBUG"))
+  if is_beam and not debug:  # We print the worker's error ourselves, once, as one line.
+    for name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
+                 "apache_beam.runners.portability.fn_api_runner.fn_runner"):
+      logging.getLogger(name).setLevel(logging.CRITICAL)
   try:
+    if is_beam:
+      check_beam_flags(extra)
     return _dispatch(args, extra)
-  except _USER_ERRORS as e:
-    # Bad input or a refused action: a clear one-line message, not a traceback (ALIGNET_DEBUG=1 shows it).
-    if os.environ.get("ALIGNET_DEBUG"):
-      raise
-    print(f"alignet {args.command}: error: {e}", file=sys.stderr)
+  except (KeyboardInterrupt, SystemExit):
+    raise
+  except BaseException as e:  # noqa: BLE001 (every failure ends in one of two documented ways)
+    message = _user_error(e)
+    if debug or message is None:
+      traceback.print_exc()
+      if message is None:
+        print(f"alignet {args.command}: internal error ({type(e).__name__}); please report it with the traceback "
+              "above.", file=sys.stderr)
+        return 2
+    print(f"alignet {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
     return 1
 
 

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--if-exists", choices=["error", "skip_identical"], help="What to do if the version exists.")
   parser.add_argument("--out", help="Optional: also write a publish artifact here recording the publication.")
   parser.add_argument("--force", action="store_true", help="With --out: rerun even if that artifact is up to date.")
+  stages.add_safety_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +69,8 @@ def command(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
   config = config_from_args(args)
   input_urls(config)
   if args.out:
-    art = stages.run(STAGE, config, args.out, beam_args=beam_args, force=args.force)
+    art = stages.run(STAGE, config, args.out, beam_args=beam_args, force=args.force, verify=args.verify,
+                     reuse_stale=args.reuse_stale)
     result = art.report
     print(f"{STAGE}: record in {art.url}")
   else:

@@ -33,12 +33,21 @@ def module(stage: str) -> ModuleType:
   return importlib.import_module(STAGES[stage][0])
 
 
-def run(stage: str, config: dict[str, Any], out: str, *, beam_args: Sequence[str] = (),
-        force: bool = False) -> artifacts.Artifact:
-  """Run one stage into `out` (skipped when an up-to-date artifact is there)."""
+def run(stage: str, config: dict[str, Any], out: str, *, beam_args: Sequence[str] = (), force: bool = False,
+        verify: bool = True, reuse_stale: bool = False) -> artifacts.Artifact:
+  """Run one stage into `out` (skipped when an up-to-date artifact is there; see `artifacts.run_stage`)."""
   mod = module(stage)
   return artifacts.run_stage(stage, out, config, mod.input_urls(config),
-                             lambda writer: mod.run(config, writer, beam_args), force=force)
+                             lambda writer: mod.run(config, writer, beam_args), force=force, verify=verify,
+                             reuse_stale=reuse_stale)
+
+
+def add_safety_flags(parser: Any) -> None:
+  """--no-verify and --reuse-stale, for every command that writes an artifact."""
+  parser.add_argument("--no-verify", dest="verify", action="store_false",
+                      help="Do not check the input artifacts' files against their manifests (a warning says so).")
+  parser.add_argument("--reuse-stale", action="store_true",
+                      help="Skip a stage whose up-to-date artifact was written by other code (a code change).")
 
 
 def apply_flags(config: dict[str, Any], args: Any) -> dict[str, Any]:

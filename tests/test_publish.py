@@ -54,7 +54,7 @@ def test_a_second_publish_of_a_version_is_refused(tmp_path):
   publishing.publish(src.url, bucket, "alignet", "0.1.1", log=lambda s: None)  # A new version is fine.
 
 
-def test_an_interrupted_publish_leaves_no_manifest_and_a_retry_completes(tmp_path, monkeypatch):
+def test_an_interrupted_publish_leaves_nothing_visible_and_a_retry_completes(tmp_path, monkeypatch):
   src = _source(str(tmp_path / "src"))
   bucket = str(tmp_path / "bucket")
   real = publishing._copy_verified
@@ -70,7 +70,8 @@ def test_an_interrupted_publish_leaves_no_manifest_and_a_retry_completes(tmp_pat
   with pytest.raises(KeyboardInterrupt):
     publishing.publish(src.url, bucket, "alignet", "0.1.0", log=lambda s: None)
   dest = tmp_path / "bucket" / "alignet" / "0.1.0"
-  assert dest.exists() and not (dest / "manifest.json").exists()
+  assert not dest.exists()
+  assert [p.name for p in dest.parent.iterdir() if not p.name.startswith(".")] == []
   with pytest.raises(artifacts.IncompleteArtifactError):
     artifacts.load(str(dest))
   monkeypatch.setattr(publishing, "_copy_verified", real)
@@ -85,7 +86,8 @@ def test_a_corrupt_source_is_not_published_and_a_corrupt_copy_is_detected(tmp_pa
   shard.write_bytes(b"X" + good[1:])
   with pytest.raises(artifacts.ChecksumError, match="is corrupt"):
     publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
-  assert not (tmp_path / "bucket" / "alignet" / "0.1.0" / "manifest.json").exists()
+  assert not (tmp_path / "bucket" / "alignet" / "0.1.0").exists()  # "Nothing was published" is true.
+  assert sorted(p.name for p in (tmp_path / "bucket" / "alignet").iterdir()) == []  # No staging, no lock left.
   shard.write_bytes(good)
   publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
   copy = tmp_path / "bucket" / "alignet" / "0.1.0" / "shards" / "train-00000-of-00001.parquet"
@@ -99,7 +101,7 @@ def test_publish_works_on_any_fsspec_filesystem():
   out = publishing.publish(src.url, "memory://pub-test/bucket", "alignet", "1.0.0", log=lambda s: None)
   assert out["published_to"] == "memory://pub-test/bucket/alignet/1.0.0"
   publishing.verify(out["published_to"])
-  with pytest.raises(ValueError, match="Bad dataset version"):
+  with pytest.raises(ValueError, match="Bad dataset --version"):
     publishing.publish(src.url, "memory://pub-test/bucket", "alignet", "../x", log=lambda s: None)
 
 
@@ -160,3 +162,26 @@ def test_card_lists_sample_triplets_and_says_when_images_are_unavailable(tmp_pat
   assert "No picture: the images of source `tfds:imagenet2012:train` are not available" in card
   assert not (tmp_path / "bucket" / "alignet" / "0.1.0" / publishing.SAMPLES_PLOT).exists()
   assert out["files"] == len(src.files) + 1  # + README.md (no histogram in this report, no grid)
+
+
+def test_publish_refuses_a_destination_inside_the_source_or_containing_it(tmp_path):
+  src = _source(str(tmp_path / "src"))
+  inner = _source(str(tmp_path / "b" / "alignet" / "0.2.0" / "src"))
+  before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+  with pytest.raises(publishing.PublishError, match="inside the source"):
+    publishing.publish(src.url, src.url, "alignet", "0.1.0", log=lambda s: None)
+  with pytest.raises(publishing.PublishError, match="containing the source"):
+    publishing.publish(inner.url, str(tmp_path / "b"), "alignet", "0.2.0", log=lambda s: None)
+  assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+
+
+def test_a_second_publisher_of_one_version_is_refused_while_the_first_holds_the_lock(tmp_path):
+  src = _source(str(tmp_path / "src"))
+  bucket = str(tmp_path / "bucket")
+  held = artifacts.WriteLock(publishing.version_url(bucket, "alignet", "0.1.0"), "other-writer")
+  held.acquire()  # A live publisher (this very process) holds the version.
+  with pytest.raises(artifacts.LockedError, match="held by another writer"):
+    publishing.publish(src.url, bucket, "alignet", "0.1.0", log=lambda s: None)
+  held.release()
+  publishing.publish(src.url, bucket, "alignet", "0.1.0", log=lambda s: None)
+  publishing.verify(publishing.version_url(bucket, "alignet", "0.1.0"))
