@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from alignet_data import artifacts, models, shards, triplet_math
+from alignet_data.checks import InputError
 from trainer import input_pipeline, losses, train
 
 N_CLASSES, PER_CLASS, SIZE = 6, 10, 16
@@ -430,6 +431,110 @@ def test_config_file_then_set_then_flags(tmp_path, capsys):
   assert {k: config[k] for k in train.RELEASED} == train.RELEASED
 
 
+BAD_OPTIONS = [  # (flags, text the one-line message must hold: the option and its bad value)
+    (["--steps", "-3"], "steps (--steps) must be an integer >= 1, got -3"),  # trained forever
+    (["--steps", "0"], "steps (--steps) must be an integer >= 1, got 0"),  # wrote a student, then crashed
+    (["--batch-size", "0"], "batch_size (--batch-size) must be an integer >= 1, got 0"),  # after compiling
+    (["--learning-rate", "0"], "learning_rate (--learning-rate) must be a finite number > 0, got 0.0"),
+    (["--set", "learning_rate=-1e-3"], "learning_rate (--learning-rate) must be a finite number > 0, got -0.001"),
+    (["--tau", "0"], "tau (--tau) must be a finite number > 0, got 0.0"),
+    (["--set", "tau=NaN"], "tau (--tau) must be a finite number > 0, got nan"),
+    (["--warmup-steps", "-1"], "warmup_steps (--warmup-steps) must be an integer >= 0, got -1"),
+    (["--decay-to-init", "-0.5"], "decay_to_init (--decay-to-init) must be a finite number >= 0, got -0.5"),
+    (["--grad-clip", "-1"], "grad_clip (--grad-clip) must be a finite number >= 0, got -1.0"),
+    (["--eval-every", "-1"], "eval_every (--eval-every) must be an integer >= 0, got -1"),
+    (["--checkpoint-every", "-5"], "checkpoint_every (--checkpoint-every) must be an integer >= 0, got -5"),
+    (["--log-every", "-1"], "log_every (--log-every) must be an integer >= 0, got -1"),
+    (["--head-dim", "-2"], "head_dim (--head-dim) must be an integer >= -1, got -2"),
+    (["--seed", "-1"], "seed (--seed): seed must be an integer in [0, 2**32 - 1]"),
+    (["--set", "eval_batch_size=0"], "eval_batch_size (--set eval_batch_size=) must be an integer >= 1, got 0"),
+    (["--set", "keep_checkpoints=0"], "keep_checkpoints (--set keep_checkpoints=) must be an integer >= 1, got 0"),
+    (["--set", "input_threads=-1"], "input_threads (--set input_threads=) must be an integer >= 0, got -1"),
+    (["--set", "input_processes=-2"], "input_processes (--set input_processes=) must be an integer >= 0, got -2"),
+    (["--set", "prefetch_batches=-1"], "prefetch_batches (--set prefetch_batches=) must be an integer >= 0, got -1"),
+    (["--set", "steps=ten"], "steps (--steps) must be an integer >= 1, got 'ten'"),
+    (["--set", "steps=2.5"], "steps (--steps) must be an integer >= 1, got 2.5"),
+    (["--loss", "kll"], "loss (--loss) must be one of ['contrastive', 'js', 'kl'], got 'kll'"),
+    (["--compute-dtype", "float16"], "compute_dtype (--compute-dtype) must be one of"),
+    (["--format", "csv"], "format (--format) must be one of"),
+    (["--set", 'hooks=["levls"]'], "hooks (--set hooks=) must be a list drawn from ['levels', 'things']"),
+    (["--set", "stepz=3"], "--set sets unknown train config keys ['stepz']"),
+    (["--set", "=3"], "--set expects KEY=VALUE, got '=3'"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_OPTIONS, ids=[" ".join(f) for f, _ in BAD_OPTIONS])
+def test_out_of_range_options_are_refused_before_anything_runs(flags, message, shards_url, tmp_path, capsys):
+  """`alignet train` checks every option's range first: exit 1, one line naming it, nothing written or read."""
+  from pipelines import cli
+  work = tmp_path / "w"
+  argv = ["train", "--shards", shards_url, "--student", "demo-student", "--workdir", str(work), *flags]
+  assert cli.main(argv) == 1
+  captured = capsys.readouterr()
+  err = captured.err.strip()
+  assert err.startswith("alignet train: error: ") and "\n" not in err, err
+  assert message in err, err
+  assert "[train] config" not in captured.out  # refused before the config is printed, let alone compiled
+  assert not work.exists()  # no config.json, no checkpoint, no student
+
+
+def test_validate_config_accepts_the_shipped_configs_and_checks_devices(shards_url, tiny_model, tmp_path):
+  from trainer import main
+  train.validate_config(train.DEFAULTS)
+  train.validate_config({**train.DEFAULTS, **train.RELEASED, "steps": 1e5, "hooks": None})  # 1e5: a JSON float
+  train.validate_config({"batch_size": 64}, devices=8)
+  with pytest.raises(InputError, match=r"batch_size \(--batch-size\) 12 does not split over 8 devices"):
+    train.validate_config({"batch_size": 12}, devices=8)
+  # Options named by their flag are exactly the ones with a flag.
+  checked = set(train._INT_MINIMUM) | set(train._FLOAT_MINIMUM) | set(train._CHOICES) | {"seed", "hooks"}
+  assert train._FLAGGED == checked & set(main._FLAGS)
+
+  # train_and_evaluate (the chain stage's path) checks first too: no workdir, no data read, nothing compiled.
+  source = input_pipeline.ArrayImages(_images()[0])
+  for bad in ({"steps": 0}, {"batch_size": -16}, {"tau": -1.0}):
+    with pytest.raises(InputError, match=next(iter(bad))):
+      train.train_and_evaluate({**CONFIG, "shards": shards_url, **bad}, str(tmp_path / "w"), model=tiny_model,
+                               images=source, log=lambda _: None)
+  assert not (tmp_path / "w").exists()
+
+
+class _Killed(BaseException):
+  """Stands in for SIGKILL: not an Exception, so nothing in the trainer catches it."""
+
+
+def test_killed_and_resumed_run_keeps_its_before_figures(shards_url, tiny_model, tmp_path, monkeypatch):
+  """The figures measured before training are saved at once: a run killed after a checkpoint (before it writes
+  metrics.json) and resumed reports the same `*_before` values as a straight run."""
+  source = input_pipeline.ArrayImages(_images()[0])
+  cfg = {**CONFIG, "shards": shards_url, "steps": 6, "checkpoint_every": 3, "hooks": []}
+  straight = train.train_and_evaluate(cfg, str(tmp_path / "a"), model=tiny_model, images=source, log=lambda _: None)
+  before = {k: v for k, v in straight.items() if k.endswith("_before")}
+  assert set(before) == {"val_loss_before", "val_triplet_accuracy_before"}
+
+  save = train._save
+
+  def save_then_die(manager, state):
+    save(manager, state)
+    manager.wait_until_finished()
+    raise _Killed
+
+  monkeypatch.setattr(train, "_save", save_then_die)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(cfg, str(tmp_path / "b"), model=tiny_model, images=source, log=lambda _: None)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3"]
+  assert not (tmp_path / "b" / "metrics.json").exists()
+  assert (tmp_path / "b" / "metrics_before.json").exists()  # written as soon as measured
+
+  logged = []
+  resumed = train.train_and_evaluate(cfg, str(tmp_path / "b"), model=tiny_model, images=source, log=logged.append)
+  assert resumed["resumed_from"] == 3
+  saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+  assert {k: v for k, v in saved.items() if k.endswith("_before")} == before
+  assert {k: v for k, v in resumed.items() if k.endswith("_before")} == before
+  assert f"accuracy {before['val_triplet_accuracy_before']:.3f} ->" in logged[-1]  # not '?'
+
+
 _SUBPROCESS_COMMON = """
 import os, sys, json
 import numpy as np
@@ -525,6 +630,8 @@ def test_killed_run_resumes_to_bit_identical_parameters(shards_url, tiny_model, 
   for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(leaf_a, leaf_b)
   assert straight["val_loss"] == resumed["val_loss"]
+  before = {k: v for k, v in straight.items() if k.endswith("_before")}
+  assert before and {k: v for k, v in resumed.items() if k.endswith("_before")} == before
 
 
 @pytest.mark.slow

@@ -6,8 +6,10 @@ X is a triplets artifact, a published version, or a directory of the released `a
 config is `train.DEFAULTS`, then the `--config` file, then `--set` pairs, then the flags; it is printed and kept
 in `W/config.json`. `W` is any fsspec URL (a local path, gs://..., memory:// in tests). It gets `checkpoints/`
 (orbax, or `--checkpoint-dir`; a rerun with more `--steps` resumes from the latest), `tensorboard/` (event
-files), `metrics.jsonl`, `metrics.json` (final `loss`, `val_triplet_accuracy`, `steps_per_second`, ...), and the
-fine-tuned encoder `student.npz` + `student.json`.
+files), `metrics.jsonl`, `metrics_before.json` (validation before training, kept for resumed runs),
+`metrics.json` (final `loss`, `val_triplet_accuracy`, `steps_per_second`, ...), and the fine-tuned encoder
+`student.npz` + `student.json`. Option ranges are checked first (`train.validate_config`), before anything is
+written, read or compiled.
 
 As a chain stage (`alignet run`, `run()` below), the train artifact holds the same files, so
 `models.load_model("<config-name>:<artifact>/student.npz")` loads the result (or, in the evaluate stage's
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignet_data import artifacts
+from alignet_data.checks import InputError
 from trainer import train
 
 STAGE = "train"
@@ -71,16 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge(config: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+  """Refuse unknown keys: a typo must not silently leave the default in place."""
   unknown = set(overrides) - set(config)
   if unknown:
-    raise KeyError(f"{where} sets unknown train config keys {sorted(unknown)}; known keys: {sorted(config)}.")
+    raise InputError(f"{where} sets unknown train config keys {sorted(unknown)}; known keys: {sorted(config)}.")
   config.update(overrides)
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
   key, sep, value = item.partition("=")
   if not sep or not key:
-    raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+    raise InputError(f"--set expects KEY=VALUE, got {item!r}.")
   try:
     return key.replace("-", "_"), json.loads(value)
   except json.JSONDecodeError:
@@ -117,6 +121,7 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   """`alignet train ... --workdir W`: train (or resume) in W, printing the config and where everything went."""
   del beam_args  # Not a Beam stage (the CLI refuses extra flags for it).
   config = config_from_args(args)
+  train.validate_config(config)  # Before anything is written, read or compiled (devices are checked later).
   workdir = args.workdir.rstrip("/")
   ckpt_dir = train.checkpoint_directory(workdir, config["checkpoint_dir"])  # Refuses what orbax cannot write.
   print("[train] config:\n" + json.dumps(config, indent=2, sort_keys=True), flush=True)
@@ -154,7 +159,9 @@ def input_urls(config: dict[str, Any]) -> dict[str, str]:
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
   del beam_args  # Not a Beam stage.
   if artifacts.is_local(writer.fs):
-    return train.train_and_evaluate(config, writer.local_path("."))
+    # The workdir is the writer's staging folder itself (the folder of its top-level files; the writer refuses
+    # "." as a file name).
+    return train.train_and_evaluate(config, os.path.dirname(writer.local_path("metrics.json")))
   # The artifact must hold its checkpoints, and orbax writes only local paths and gs:// (not memory://, s3://):
   # train in a local directory, then copy everything into the artifact, which commits it.
   with tempfile.TemporaryDirectory() as workdir:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import optax
 
 from alignet_data import artifacts
+from alignet_data.checks import InputError
 from trainer import input_pipeline, losses
 
 # Defaults are the demo's (tiny student, 2 CPU cores, ~1 minute): measured on the demo chain, 600 steps of 64
@@ -62,6 +64,60 @@ DEFAULTS: dict[str, Any] = {
                               # TFDS images whose decoding holds the GIL. 0 = off (each costs a Python + JAX start)
     "log_every": 25,          # steps between rows of metrics.jsonl / TensorBoard points
 }
+
+
+# Valid ranges of the numeric config keys, checked by `validate_config` before anything is loaded or compiled.
+_INT_MINIMUM = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "eval_batch_size": 1, "eval_every": 0,
+                "checkpoint_every": 0, "keep_checkpoints": 1, "input_threads": 0, "prefetch_batches": 0,
+                "input_processes": 0, "log_every": 0, "head_dim": -1}
+_FLOAT_MINIMUM = {"learning_rate": (0.0, False), "tau": (0.0, False),  # key -> (bound, bound allowed)
+                  "decay_to_init": (0.0, True), "grad_clip": (0.0, True)}
+_CHOICES = {"format": ("auto", "parquet", "tfrecord", "npz"), "loss": tuple(sorted(losses.LOSSES)),
+            "compute_dtype": ("auto", "float32", "bfloat16")}
+_HOOKS = ("levels", "things")
+# Keys with a dedicated `alignet train` flag (the rest are set with --set KEY=VALUE).
+_FLAGGED = {"steps", "batch_size", "learning_rate", "warmup_steps", "decay_to_init", "grad_clip", "tau", "seed",
+            "eval_every", "checkpoint_every", "log_every", "head_dim", "format", "loss", "compute_dtype"}
+
+
+def _option(key: str) -> str:
+  """How the user sets `key`, for error messages: `steps (--steps)` or `keep_checkpoints (--set keep_checkpoints=)`."""
+  flag = f"--{key.replace('_', '-')}" if key in _FLAGGED else f"--set {key}="
+  return f"{key} ({flag})"
+
+
+def validate_config(config: Mapping[str, Any], devices: int | None = None) -> None:
+  """Refuse out-of-range options up front (InputError naming the option and its value), before any data is
+  read or anything compiled: a negative `steps` would otherwise train forever, `steps` 0 crash after exporting,
+  and a bad `batch_size` fail only after compiling. `devices`, when known, must divide `batch_size`."""
+  for key, minimum in _INT_MINIMUM.items():
+    value = config.get(key, DEFAULTS[key])
+    if isinstance(value, float) and value.is_integer():
+      value = int(value)  # 1e5 in a JSON config
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+      raise InputError(f"train option {_option(key)} must be an integer >= {minimum}, got {value!r}.")
+  for key, (bound, inclusive) in _FLOAT_MINIMUM.items():
+    value = config.get(key, DEFAULTS[key])
+    ok = (not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+          and math.isfinite(value) and (value >= bound if inclusive else value > bound))
+    if not ok:
+      raise InputError(f"train option {_option(key)} must be a finite number {'>=' if inclusive else '>'} {bound:g}, "
+                       f"got {value!r}.")
+  for key, choices in _CHOICES.items():
+    value = config.get(key, DEFAULTS[key])
+    if value not in choices:
+      raise InputError(f"train option {_option(key)} must be one of {list(choices)}, got {value!r}.")
+  hooks = config.get("hooks", DEFAULTS["hooks"]) or []
+  if not isinstance(hooks, list | tuple) or not all(isinstance(h, str) and h in _HOOKS for h in hooks):
+    raise InputError(f"train option {_option('hooks')} must be a list drawn from {list(_HOOKS)}, got {hooks!r}.")
+  try:
+    input_pipeline.check_seed(config.get("seed", DEFAULTS["seed"]))
+  except ValueError as e:
+    raise InputError(f"train option {_option('seed')}: {e}") from e
+  batch_size = int(config.get("batch_size", DEFAULTS["batch_size"]))
+  if devices and batch_size % devices:
+    raise InputError(f"train option {_option('batch_size')} {batch_size} does not split over {devices} devices; "
+                     f"use a multiple of {devices}.")
 
 
 # The released trainer's settings (google-deepmind/alignet configs/siglip.py), for ViT-B-sized students.
@@ -215,6 +271,7 @@ def eval_step(params: Any, images: jax.Array, target_sims: jax.Array, mask: jax.
 
 # ----------------------------------------------------------------------------------------------- the loop
 
+BEFORE_FILE = "metrics_before.json"  # the validation figures before training, in the workdir
 _OPTIMIZER_KEYS = ("steps", "learning_rate", "warmup_steps", "decay_to_init", "grad_clip")
 
 
@@ -354,11 +411,13 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
 
   `workdir` is any fsspec URL (a local path, file://, gs://, memory://); everything but the checkpoints is
   written through fsspec: `tensorboard/` (event files), `metrics.jsonl` (a row every `log_every` steps, written
-  as training goes), `metrics.json` (the final figures, also returned), `student.npz` (the fine-tuned encoder,
-  big_vision layout; `load_model("<name>:<workdir>/student.npz")` loads it), `student.json` (the model config and
-  how to load it) and `triplet_head.npz` when there is a head. Orbax checkpoints go to `checkpoint_directory`
-  (`<workdir>/checkpoints` unless config `checkpoint_dir` says otherwise). `model` and `images` override the
-  config's `student` and image source (tests inject tiny stand-ins); `mesh` defaults to all devices.
+  as training goes), `metrics_before.json` (validation before training, written as soon as measured, so that a
+  killed and resumed run still reports its `*_before` figures), `metrics.json` (the final figures, also
+  returned), `student.npz` (the fine-tuned encoder, big_vision layout; `load_model("<name>:<workdir>/student.npz")`
+  loads it), `student.json` (the model config and how to load it) and `triplet_head.npz` when there is a head.
+  Orbax checkpoints go to `checkpoint_directory` (`<workdir>/checkpoints` unless config `checkpoint_dir` says
+  otherwise). `model` and `images` override the config's `student` and image source (tests inject tiny
+  stand-ins); `mesh` defaults to all devices. `validate_config` runs first: a bad option touches nothing.
 
   `input_images_per_second` in the result is the input pipeline's own speed per worker: the images it made over
   the seconds spent inside its map function, summed over whichever threads or processes ran it (each batch
@@ -369,20 +428,18 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   from trainer import events
 
   config = {**DEFAULTS, **config}
+  mesh = make_mesh() if mesh is None else mesh
+  n_dev = mesh.devices.size
+  validate_config(config, devices=n_dev)  # First: nothing is read, written or compiled for a bad config.
   steps, batch_size = int(config["steps"]), int(config["batch_size"])
   seed = input_pipeline.check_seed(config["seed"])
   ckpt_dir = checkpoint_directory(workdir, str(config["checkpoint_dir"] or ""))
+  eval_batch = -(-int(config["eval_batch_size"]) // n_dev) * n_dev
+  if not config["shards"]:
+    raise InputError("config['shards'] is empty: give a triplets artifact, a published version or a directory of "
+                     "released alignet_*.npz files (--shards).")
   fs, root = artifacts.url_to_fs(workdir)
   fs.makedirs(root, exist_ok=True)
-  mesh = make_mesh() if mesh is None else mesh
-  n_dev = mesh.devices.size
-  if batch_size % n_dev:
-    raise ValueError(f"batch_size {batch_size} does not split over {n_dev} devices; use a multiple of {n_dev}.")
-  eval_batch = -(-int(config["eval_batch_size"]) // n_dev) * n_dev
-
-  if not config["shards"]:
-    raise ValueError("config['shards'] is empty: give a triplets artifact, a published version or a directory of "
-                     "released alignet_*.npz files (--shards).")
   shards_art = input_pipeline.open_shards(config["shards"])
   fmt = config["format"]
   train_data = input_pipeline.read_triplets(shards_art or config["shards"], "train", fmt=fmt)
@@ -441,7 +498,13 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
                        "a fresh workdir.")
     state = manager.restore(start, args=ocp.args.StandardRestore(state))
     log(f"[train] resumed from step {start} (latest checkpoint in {ckpt_dir})")
-  before = run_eval(state.params) if start == 0 else None
+  if start == 0:
+    before = run_eval(state.params)
+    # Saved at once, so that a run killed before it writes metrics.json still reports them when resumed.
+    artifacts.write_bytes(artifacts.join(workdir, BEFORE_FILE), artifacts.json_bytes(before))
+    figures_before = _suffixed(before)
+  else:
+    before, figures_before = None, _saved_before(workdir, log)
 
   log_url = artifacts.join(workdir, "metrics.jsonl")
   rows = _read_jsonl(log_url, upto=start)  # A killed run's rows past its last checkpoint are dropped.
@@ -528,20 +591,34 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       "train_seconds": round(seconds, 2),
       "student": model.config.get("name", config["student"]),
   }
-  metrics_url = artifacts.join(workdir, "metrics.json")
-  if before is not None:
-    result.update({f"{k}_before": v for k, v in before.items() if k != "val_triplets"})
-  else:  # Resumed: keep the figures from before training that the first run of this workdir measured.
-    try:
-      previous = artifacts.read_json(metrics_url)
-    except FileNotFoundError:
-      previous = {}
-    result.update({k: v for k, v in previous.items() if k.endswith("_before")})
-  artifacts.write_bytes(metrics_url, artifacts.json_bytes(result))
+  result.update(figures_before)
+  artifacts.write_bytes(artifacts.join(workdir, "metrics.json"), artifacts.json_bytes(result))
   before_acc = result.get("val_triplet_accuracy_before")
   log(f"[train] val triplet accuracy {'?' if before_acc is None else f'{before_acc:.3f}'} -> "
       f"{result['val_triplet_accuracy']:.3f}; {result['steps_per_second']:.2f} steps/s")
   return result
+
+
+def _suffixed(before: Mapping[str, Any]) -> dict[str, Any]:
+  return {f"{k}_before": v for k, v in before.items() if k != "val_triplets"}
+
+
+def _saved_before(workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
+  """A resumed run's `*_before` figures, as the workdir's first run measured them: from BEFORE_FILE (written
+  as soon as they were computed), else from the metrics.json of a workdir written before that file existed."""
+  url = artifacts.join(workdir, BEFORE_FILE)
+  try:
+    return _suffixed(artifacts.read_json(url))
+  except FileNotFoundError:
+    pass
+  except ValueError as e:  # Figures only, not training state: a damaged file costs them, not the run.
+    log(f"[train] ignoring {url} ({e}): this run reports no *_before figures")
+    return {}
+  try:
+    previous = artifacts.read_json(artifacts.join(workdir, "metrics.json"))
+  except (FileNotFoundError, ValueError):
+    previous = {}
+  return {k: v for k, v in previous.items() if k.endswith("_before")}
 
 
 def _tb_scalars(row: Mapping[str, Any]) -> dict[str, float]:
