@@ -6,6 +6,8 @@
 Steps, each a child process whose wall time and peak resident memory (``wait4``'s ru_maxrss) are measured:
   setup     synthetic embeddings with planted cluster structure (n x d, `--classes` Gaussian classes, stored as
             an embed artifact) and an affine transform (.npz, as an align artifact stores it)
+  verify_inputs  the embed artifact's sha256 against its manifest, as each stage does before use (its
+            ``fraction_of_stage``: that time over the cluster and triplets stages' wall time; they include it)
   cluster   `alignet cluster --embeddings E --transform T --k K --max-points-per-centroid 256 --nredo 1`
   triplets  `alignet triplets ... --strategy cluster_boundary --num NUM --format tfrecord,parquet,npz`
 The triplets report holds the labelling kernel's own time and the sequential read bandwidth of the same process
@@ -117,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stages["setup"] = timed("setup", [py, os.path.abspath(__file__), "--setup-only", work, str(args.n), str(args.d),
                                       str(args.classes), str(args.seed)], log)
     emb, transform = os.path.join(work, "embed"), os.path.join(work, "transform.npz")
+    # What every stage now pays before reading its inputs: the embed artifact's sha256 against its manifest.
+    stages["verify_inputs"] = timed("verify_inputs", [py, "-c", "import sys; from alignet_data import artifacts; "
+                                                      "artifacts.load(sys.argv[1]).verify()", emb], log)
     cli = [py, "-m", "pipelines.cli"]
     stages["cluster"] = timed("cluster", cli + [
         "cluster", "--embeddings", emb, "--transform", transform, "--k", str(args.k), "--max-points-per-centroid",
@@ -149,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "triplets_per_second_labelling": round(report["triplets_total"] / max(timing["label_seconds"], 1e-9)),
       "timing": timing, "output_gb": round(out_bytes / 2**30, 3), "entropy_mean": report["entropy"]["mean"],
       "odd_one_out_changed": report["odd_one_out_changed"], "boundary_odd_kept": report["boundary_odd_kept"]})
+  verify = stages["verify_inputs"]["seconds"]
+  stages["verify_inputs"]["fraction_of_stage"] = {s: round(verify / stages[s]["seconds"], 4)
+                                                  for s in ("cluster", "triplets")}
   total = time.perf_counter() - start
   peak = max(s["peak_rss_gb"] for s in stages.values())
   result = {
