@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from alignet_data import artifacts
+from alignet_data import artifacts, numeric_files
 
 FILE_NAME = "clusters.npz"
 _ASSIGN_BLOCK = 1 << 16
@@ -142,12 +142,19 @@ def assign(x: np.ndarray, centroids: np.ndarray, block: int = _ASSIGN_BLOCK) -> 
   return labels, dists
 
 
-def transform_rows(transform, x: np.ndarray, block: int = _ASSIGN_BLOCK) -> np.ndarray:
+def transform_rows(transform, x: np.ndarray, block: int = _ASSIGN_BLOCK, what: str = "transformed embeddings"
+                   ) -> np.ndarray:
   """`transform.apply(x)` in row blocks into one float32 array: the peak is one output matrix, not the three
-  whole-matrix temporaries of a single call (at ImageNet scale each is 5.9 GB). Fixed blocks: fixed bytes."""
+  whole-matrix temporaries of a single call (at ImageNet scale each is 5.9 GB). Fixed blocks: fixed bytes.
+
+  Each block is checked for NaN/inf while in cache (finite inputs can still overflow float32), so k-means and
+  the labelling never see one; `what` names the inputs in the InputError.
+  """
   out = np.empty((len(x), transform.weights.shape[1]), np.float32)
   for s in range(0, len(x), block):
-    out[s:s + block] = transform.apply(x[s:s + block])
+    with np.errstate(over="ignore", invalid="ignore"):  # Checked just below, with a message naming the inputs.
+      out[s:s + block] = transform.apply(x[s:s + block])
+    numeric_files.require_finite_rows(out[s:s + block], f"{what} (rows from {s})", block)
   return out
 
 
@@ -214,14 +221,13 @@ def save(writer: artifacts.ArtifactWriter, clusters: Clusters, name: str = FILE_
 
 def load(source: str | artifacts.Artifact) -> Clusters:
   """From a cluster artifact (URL or Artifact) or a path/URL of a ``clusters.npz``."""
-  if isinstance(source, artifacts.Artifact):
-    data = source.load_npz(FILE_NAME)
-  elif source.endswith(".npz"):
-    fs, path = artifacts.url_to_fs(source)
-    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-      data = {k: z[k] for k in z.files}
+  what = "clusters .npz (ids, cluster, centroids)"
+  if isinstance(source, str) and source.endswith(".npz"):
+    data = numeric_files.load_npz(source, what=what)
   else:
-    data = artifacts.load(source, stage="cluster").load_npz(FILE_NAME)
+    art = source if isinstance(source, artifacts.Artifact) else artifacts.load(source, stage="cluster")
+    with art.open(FILE_NAME) as f:
+      data = numeric_files.load_npz(f, art.path(FILE_NAME), what=what)
   missing = {"ids", "cluster", "centroids"} - set(data)
   if missing:
     raise ValueError(f"{source}: clusters file lacks arrays {sorted(missing)}.")

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignet_data import artifacts
+from alignet_data.checks import InputError, require_finite
 
 SHARD_DIR = "embeddings"
 INDEX = "embeddings.json"
@@ -203,8 +204,24 @@ def read_shard(f: Any) -> Embeddings:
                     file_names=np.asarray(table.column("file_name").to_pylist(), dtype=str), vectors=vectors)
 
 
+def _read_checked(art: artifacts.Artifact, name: str) -> Embeddings:
+  """One shard of `art`, refused (InputError naming the file) if unreadable or if a vector holds NaN or inf.
+
+  Every reader of embeddings comes through here, so no stage sees a non-finite vector; checking a shard while it
+  is in cache costs one pass over memory already read, not a second pass over the whole matrix.
+  """
+  url = art.path(name)
+  try:
+    with art.open(name) as f:
+      part = read_shard(f)
+  except (pa.ArrowException, KeyError) as e:
+    raise InputError(f"{url}: not a readable embeddings shard ({type(e).__name__}: {e}).") from None
+  require_finite(part.vectors, f"Embeddings shard {url}")
+  return part
+
+
 def load(url_or_artifact: str | artifacts.Artifact, split: str) -> Embeddings:
-  """Load one split of an embed artifact, sorted by id, vectors float32 (n, dim).
+  """Load one split of an embed artifact, sorted by id, vectors float32 (n, dim); NaN/inf refused (InputError).
 
   Shards are copied one at a time into one preallocated matrix and Arrow's buffers are handed back after each:
   holding every shard and their concatenation at once peaked at 3.5x the matrix (20 GB for ImageNet at d = 1152,
@@ -225,8 +242,7 @@ def load(url_or_artifact: str | artifacts.Artifact, split: str) -> Embeddings:
   ids, labels, file_names = [], [], []
   row = 0
   for name in names:
-    with art.open(name) as f:
-      part = read_shard(f)
+    part = _read_checked(art, name)
     m = len(part.ids)
     if row + m > n:
       raise ValueError(f"Embeddings {art.url}/{split}: more rows than the {n} its index lists; the artifact is "
@@ -262,7 +278,7 @@ def load_matrix(url_or_artifact: str | artifacts.Artifact, split: str, *, cache_
   float16) without holding it in memory: the shards are unpacked once, shard by shard, into `.npy` files in a
   local cache keyed by the shards' sha256 (artifacts are immutable, so the key never goes stale), then opened
   with `np.load(mmap_mode="r")`. Vectors keep the storage dtype unless `dtype` ("float32"/"float16") is given.
-  Rows, ids, labels and file names are exactly those of `load` (sorted by id).
+  Rows, ids, labels and file names are exactly those of `load` (sorted by id); NaN/inf is refused at unpacking.
   """
   art = _artifact(url_or_artifact)
   entry = art.read_json(INDEX)["splits"].get(split)
@@ -273,7 +289,9 @@ def load_matrix(url_or_artifact: str | artifacts.Artifact, split: str, *, cache_
   missing = [n for n in names if not art.exists(n)]
   if missing:
     raise FileNotFoundError(f"Embeddings {art.url} lacks shards {missing[:3]} listed in {INDEX}.")
-  key = hashlib.sha256(json.dumps([[n, art.files[n]["sha256"]] for n in names] + [dtype]).encode()).hexdigest()
+  # "finite": caches unpacked before the finite check are not reused unchecked.
+  key = hashlib.sha256(json.dumps([[n, art.files[n]["sha256"]] for n in names] + [dtype, "finite"]).encode()
+                       ).hexdigest()
   folder = os.path.join(cache_dir or default_cache_dir(), key[:32])
   if not os.path.exists(os.path.join(folder, "vectors.npy")):
     _unpack(art, names, entry, dtype, folder)
@@ -296,13 +314,17 @@ def _unpack(art: artifacts.Artifact, names: list[str], entry: dict[str, Any], dt
                                         dtype=np.float16 if dtype == "float16" else np.float32, shape=(rows, dim))
     ids, labels, file_names, start = [], [], [], 0
     for name in names:
-      with art.open(name) as f:
-        table = pq.read_table(f)
+      try:
+        with art.open(name) as f:
+          table = pq.read_table(f)
+      except pa.ArrowException as e:
+        raise InputError(f"{art.path(name)}: not a readable embeddings shard ({type(e).__name__}: {e}).") from None
       n = len(table)
       if start + n > rows:
         raise ValueError(f"Embeddings {art.url}: shards hold more rows than {INDEX} says ({rows}).")
-      values = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-      vectors[start:start + n] = values.reshape(n, dim)
+      values = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(n, dim)
+      require_finite(values, f"Embeddings shard {art.path(name)}")  # Once, at unpacking: the cache is checked.
+      vectors[start:start + n] = values
       ids.append(table.column("id").to_numpy())
       labels.append(table.column("label").to_numpy())
       file_names.extend(table.column("file_name").to_pylist())

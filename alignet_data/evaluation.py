@@ -2,7 +2,7 @@
 
 Pure numpy/scipy. Conventions:
 * A model's odd one out comes from its pair similarities [s01, s02, s12] (`triplet_math.odd_one_out`); a tie
-  in the model's top similarity counts as wrong.
+  in the model's top similarity, or a NaN/inf similarity, counts as wrong.
 * Levels target = the MAJORITY VOTE of a triplet's responses (choices are positions 0..2; negative = missing).
   With 5 responses over 3 options only a 2-2-1 split has no unique winner: such triplets have no target and
   are EXCLUDED from model accuracy and counted (`n_no_majority`), instead of being broken at random.
@@ -171,8 +171,10 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_resamples: int = 100, size
 
 
 def odd_one_out_correct(similarities: np.ndarray, target_odd: np.ndarray) -> np.ndarray:
-  """(n,) 1.0 where the model's odd one out equals the target position (model ties are wrong)."""
-  return (triplet_math.odd_one_out(similarities) == np.asarray(target_odd)).astype(np.float64)
+  """(n,) 1.0 where the model's odd one out equals the target position; a model tie or a NaN/inf similarity is
+  wrong, even against a target of -1 (no majority), so an undefined answer is never a hit."""
+  model = triplet_math.odd_one_out(similarities)
+  return ((model == np.asarray(target_odd)) & (model >= 0)).astype(np.float64)
 
 
 def model_entropy(similarities: np.ndarray, tau: float = 1.0) -> np.ndarray:

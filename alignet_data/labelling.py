@@ -117,8 +117,14 @@ def label_block(vectors: np.ndarray, positions: np.ndarray, raw_vectors: np.ndar
 def check_labels(similarities: np.ndarray, soft_label: np.ndarray, entropy: np.ndarray, atol: float = 1e-5) -> None:
   """Raise if labelled triplets break the invariants every consumer relies on."""
   s = np.asarray(similarities)
-  if not (np.all(s[:, 0] >= s[:, 1]) and np.all(s[:, 1] >= s[:, 2])):
-    bad = int(np.flatnonzero((s[:, 0] < s[:, 1]) | (s[:, 1] < s[:, 2]))[0])
+  finite = np.isfinite(s).all(axis=-1)
+  if not finite.all():  # Stages refuse NaN/inf inputs; this says so if one slips through (not an IndexError).
+    bad = int(np.flatnonzero(~finite)[0])
+    raise ValueError(f"Triplet row {bad} has non-finite similarities {s[bad].tolist()}: the teacher vectors hold "
+                     "NaN or inf.")
+  unordered = ~((s[:, 0] >= s[:, 1]) & (s[:, 1] >= s[:, 2]))
+  if unordered.any():
+    bad = int(np.flatnonzero(unordered)[0])
     raise ValueError(f"Triplet row {bad} is not ordered s01 >= s02 >= s12: {s[bad].tolist()}.")
   p = np.asarray(soft_label, dtype=np.float64)
   if not np.allclose(p.sum(-1), 1.0, atol=atol) or (p < 0).any():

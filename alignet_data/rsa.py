@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts
+from alignet_data import artifacts, numeric_files
 
 KERNELS = ("pearson", "cosine")
 
@@ -126,7 +126,7 @@ def load_matrix(url: str) -> np.ndarray:
   """A square matrix from .npy or whitespace/comma-separated text."""
   data = _read(url)
   if url.endswith(".npy"):
-    m = np.load(io.BytesIO(data), allow_pickle=False)
+    m = numeric_files.load_npy(io.BytesIO(data), url, what="numeric .npy matrix")
   else:
     text = data.decode()
     m = np.loadtxt(io.StringIO(text), delimiter="," if "," in text.splitlines()[0] else None, ndmin=2)

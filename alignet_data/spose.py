@@ -14,7 +14,7 @@ import io
 import numpy as np
 from scipy import optimize, special
 
-from alignet_data import artifacts, triplet_math
+from alignet_data import artifacts, numeric_files, triplet_math
 
 _LOG_BETA_BOUNDS = (-12.0, 8.0)
 
@@ -28,7 +28,7 @@ def load_embedding(url: str, n_objects: int | None = None) -> np.ndarray:
     data = f.read()
   try:
     if path.endswith(".npy"):
-      e = np.load(io.BytesIO(data), allow_pickle=False)
+      e = numeric_files.load_npy(io.BytesIO(data), url, what="numeric .npy (n_objects, d) embedding")
     else:
       e = np.loadtxt(io.StringIO(data.decode("utf-8")), dtype=np.float64, ndmin=2)
   except ValueError as err:

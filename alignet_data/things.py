@@ -18,7 +18,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from alignet_data import artifacts
+from alignet_data import artifacts, numeric_files
+from alignet_data.checks import InputError, require_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +83,12 @@ def read_array(url: str, npz_keys: tuple[str, ...] = ()) -> np.ndarray:
   with fs.open(path, "rb") as f:
     data = f.read()
   if path.endswith((".npy", ".npz")):
-    try:
-      loaded = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as e:
-      raise ValueError(f"{url}: not a valid {path.rsplit('.', 1)[1]} file ({e}).") from e
+    loaded = numeric_files.load(io.BytesIO(data), url)
     if isinstance(loaded, np.ndarray):
       return loaded
-    with loaded as z:
-      if not z.files:
-        raise ValueError(f"{url}: holds no arrays.")
-      return z[next((k for k in npz_keys if k in z.files), z.files[0])]
+    if not loaded:
+      raise InputError(f"{url}: holds no arrays.")
+    return loaded[next((k for k in npz_keys if k in loaded), next(iter(loaded)))]
   text = data.decode("utf-8", errors="replace")
   if not text.strip():
     raise ValueError(f"{url}: is empty; give a file with at least one row.")
@@ -99,6 +96,31 @@ def read_array(url: str, npz_keys: tuple[str, ...] = ()) -> np.ndarray:
     return np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2)
   except ValueError as e:
     raise ValueError(f"{url}: cannot parse as whitespace-separated numeric columns: {e}") from e
+
+
+SOFT_LABELS = "soft_labels.npz"  # In a `human` artifact: train/test triplets and their soft labels p*.
+
+
+def read_soft_labels(human_url: str, n_objects: int | None = None) -> dict[str, np.ndarray]:
+  """A human artifact's triplets and soft labels p* ({train,test}_{triplets,probs}), checked: valid triplets and
+  one finite float row of 3 probabilities per triplet (a NaN p* makes a soft loss or KL silently NaN)."""
+  art = artifacts.load(human_url, stage="human")
+  name = art.path(SOFT_LABELS)
+  with art.open(SOFT_LABELS) as f:
+    labels = numeric_files.load_npz(f, name, what="soft labels .npz")
+  keys = ("train_triplets", "train_probs", "test_triplets", "test_probs")
+  missing = [k for k in keys if k not in labels]
+  if missing:
+    raise InputError(f"{name}: lacks arrays {missing}; is {human_url} a human artifact?")
+  out = {k: labels[k] for k in keys}
+  for side in ("train", "test"):
+    out[f"{side}_triplets"] = validate_triplets(out[f"{side}_triplets"], n_objects, f"{name} {side}_triplets")
+    probs = out[f"{side}_probs"]
+    if probs.shape != out[f"{side}_triplets"].shape or probs.dtype.kind != "f":
+      raise InputError(f"{name}: {side}_probs must be float (n, 3) like {side}_triplets "
+                       f"{out[f'{side}_triplets'].shape}, got {probs.dtype} {probs.shape}.")
+    require_finite(probs, f"{name} {side}_probs")
+  return out
 
 
 def read_triplet_file(url: str, n_objects: int | None = None) -> TripletFile:

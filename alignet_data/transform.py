@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alignet_data import artifacts
+from alignet_data import artifacts, numeric_files
+from alignet_data.checks import InputError, require_finite
 
 if TYPE_CHECKING:
   from alignet_data.embeddings import Embeddings
@@ -57,24 +58,36 @@ class Transform:
     writer.write_npz(name, **self.arrays())
 
   @classmethod
-  def from_arrays(cls, data: dict[str, np.ndarray]) -> Transform:
+  def from_arrays(cls, data: dict[str, np.ndarray], source: str = "transform") -> Transform:
+    """From gLocal's arrays; `source` names the file in errors. NaN/inf is refused here, where a transform enters
+    a stage: it would otherwise turn every embedding into NaN, which k-means and the label checks choke on."""
     missing = {"weights", "bias"} - set(data)
     if missing:
-      raise ValueError(f"A transform file needs arrays 'weights' and 'bias'; missing {sorted(missing)}.")
-    return cls(np.asarray(data["weights"]), np.asarray(data["bias"]).reshape(-1),
-               float(data.get("mean", 0.0)), float(data.get("std", 1.0)))
+      raise InputError(f"{source}: a transform file needs arrays 'weights' and 'bias'; missing {sorted(missing)}.")
+    arrays = {k: np.asarray(data[k]) for k in ("weights", "bias", "mean", "std") if k in data}
+    for name, value in arrays.items():
+      if value.dtype.kind not in "iuf":
+        raise InputError(f"{source}: transform array {name!r} is not numeric (dtype {value.dtype}).")
+      if name in ("mean", "std") and value.size != 1:
+        raise InputError(f"{source}: transform {name!r} must be one number (gLocal's layout), got shape "
+                         f"{value.shape}.")
+      require_finite(value, f"{source}: transform array {name!r}")
+    try:
+      scalar = lambda k, default: float(arrays[k].reshape(-1)[0]) if k in arrays else default
+      return cls(arrays["weights"], arrays["bias"].reshape(-1), scalar("mean", 0.0), scalar("std", 1.0))
+    except ValueError as e:
+      raise InputError(f"{source}: {e}") from None
 
   @classmethod
   def load(cls, source: str | artifacts.Artifact) -> Transform:
     """From an align artifact (its ``transform.npz``) or a path/URL of an ``.npz`` file."""
-    if isinstance(source, artifacts.Artifact):
-      return cls.from_arrays(source.load_npz(FILE_NAME))
-    art = artifacts.try_load(source) if not source.endswith(".npz") else None
+    what = "transform .npz (weights, bias, mean, std)"
+    art = source if isinstance(source, artifacts.Artifact) else (
+        artifacts.try_load(source) if not source.endswith(".npz") else None)
     if art is not None:
-      return cls.from_arrays(art.load_npz(FILE_NAME))
-    fs, path = artifacts.url_to_fs(source)
-    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
-      return cls.from_arrays({k: data[k] for k in data.files})
+      with art.open(FILE_NAME) as f:
+        return cls.from_arrays(numeric_files.load_npz(f, art.path(FILE_NAME), what=what), art.path(FILE_NAME))
+    return cls.from_arrays(numeric_files.load_npz(source, what=what), source)
 
 
 def apply_to_embeddings(embeddings_source: str | artifacts.Artifact, split: str,

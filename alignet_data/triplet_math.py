@@ -58,19 +58,22 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def odd_one_out(similarities: np.ndarray) -> np.ndarray:
-  """The model's odd one out (0, 1 or 2) per triplet, or -1 where the top similarity is tied.
+  """The model's odd one out (0, 1 or 2) per triplet, or -1 where the top similarity is tied or any similarity
+  is NaN or infinite.
 
-  A tie has no single choice, so it never matches a human choice (ties count as wrong).
+  Neither has a single choice, so it never matches a human choice (counts as wrong). Without the finite test
+  argmax over NaN picks pair 01 and NaN == NaN never ties, so an all-NaN model scored 100%.
   """
   s = np.asarray(similarities)
   best = s.argmax(axis=-1)
   top = np.take_along_axis(s, best[:, None], axis=-1)
   tied = (s == top).sum(axis=-1) > 1
-  return np.where(tied, -1, ODD_OF_PAIR[best])
+  undefined = tied | ~np.isfinite(s).all(axis=-1)
+  return np.where(undefined, -1, ODD_OF_PAIR[best])
 
 
 def odd_one_out_accuracy(similarities: np.ndarray, human_odd: np.ndarray | int = 2) -> float:
-  """Fraction of triplets whose model odd one out equals the human one (ties wrong).
+  """Fraction of triplets whose model odd one out equals the human one (ties and non-finite similarities wrong).
 
   ``human_odd`` defaults to 2: triplet files list the human-chosen pair first.
   """

@@ -9,13 +9,13 @@ gLocal's layout), `cv.json` and `cv.png` (the lambda curve), and the report: hel
 from __future__ import annotations
 
 import argparse
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from alignet_data import alignment, artifacts, object_features, things
+from alignet_data import alignment, artifacts, numeric_files, object_features, things
+from alignet_data.checks import InputError
 from pipelines import stages
 
 STAGE = "align"
@@ -92,11 +92,10 @@ def load_features(url: str, split: str = "things", unique_ids: str | None = None
   if url.endswith(".npy"):
     if unique_ids:
       raise ValueError(f"{url}: an .npy is already in object order; --unique-ids applies to embed artifacts only.")
-    fs, path = artifacts.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-      x = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    if x.ndim != 2:
-      raise ValueError(f"{url}: features must be an (n_objects, dim) matrix, got shape {x.shape}.")
+    x = numeric_files.load_npy(url, what="numeric .npy (n_objects, dim) feature matrix")
+    if x.ndim != 2 or x.dtype.kind not in "iuf":
+      raise InputError(f"{url}: features must be a numeric (n_objects, dim) matrix, got shape {x.shape}, "
+                       f"dtype {x.dtype}.")
   else:
     from alignet_data import embeddings
     art = artifacts.load(url, stage="embed")
@@ -109,20 +108,14 @@ def load_features(url: str, split: str = "things", unique_ids: str | None = None
     else:
       n = int(embeddings.info(art)["splits"][split].get("num_ids", int(emb.ids.max()) + 1))
       x = emb.take(np.arange(n))  # KeyError names any object whose image failed to embed.
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"{url}: features contain NaN or inf.")
-  return np.asarray(x, np.float32)
+  return numeric_files.require_finite_rows(np.asarray(x, np.float32), f"Features {url}")
 
 
 def _human_side(config: dict[str, Any], n_objects: int) -> dict[str, np.ndarray | None]:
   if config.get("human"):
     if config.get("train") or config.get("test"):
       raise ValueError("Give either `human` (a human artifact) or `train`/`test` triplet files, not both.")
-    labels = artifacts.load(config["human"], stage="human").load_npz("soft_labels.npz")
-    out = {k: labels[k] for k in ("train_triplets", "train_probs", "test_triplets", "test_probs")}
-    things.validate_triplets(out["train_triplets"], n_objects, "human train_triplets")
-    things.validate_triplets(out["test_triplets"], n_objects, "human test_triplets")
-    return out
+    return things.read_soft_labels(config["human"], n_objects)
   if not (config.get("train") and config.get("test")):
     raise ValueError("The align stage needs `human` (a human artifact URL) or both `train` and `test` triplet "
                      "files (--train FILE --test FILE).")

@@ -72,13 +72,18 @@ def _required(config: dict[str, Any], key: str) -> str:
 
 
 def load_features(config: dict[str, Any]) -> tuple[embeddings.Embeddings, np.ndarray]:
-  """The split's embeddings and the features to cluster (transformed when a transform is given)."""
+  """The split's embeddings and the features to cluster (transformed when a transform is given).
+
+  Both inputs are refused with a clear error if they hold NaN or inf (the readers check), as is a transform
+  that overflows them: faiss would otherwise fail with a RuntimeError deep inside k-means.
+  """
   emb = embeddings.load(_required(config, "embeddings"), config["split"])
   if len(emb) == 0:
     raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} is empty.")
-  x = clustering.transform_rows(Transform.load(config["transform"]), emb.vectors) if config.get("transform") \
-      else emb.vectors
-  return emb, x
+  if not config.get("transform"):
+    return emb, emb.vectors
+  what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config['transform']}"
+  return emb, clustering.transform_rows(Transform.load(config["transform"]), emb.vectors, what=what)
 
 
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:

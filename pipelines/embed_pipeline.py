@@ -30,6 +30,7 @@ from apache_beam.ml.inference import base as inference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from alignet_data import artifacts, embeddings, image_sources
+from alignet_data.checks import InputError, check_name
 
 __all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_from_args", "default_config",
            "input_urls", "parse_source_flags", "run"]
@@ -39,7 +40,7 @@ DEAD_LETTER = "dead_letter.jsonl"
 _STAGING = "_staging"
 NAMESPACE = "embed"
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-_NAMED_SOURCE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)=(?P<spec>.+)$")
+_NAMED_SOURCE = re.compile(r"^(?P<name>[^:=]*)=(?P<spec>.+)$")  # NAME=SPEC: no ':' before the '=' (specs have one).
 
 
 def default_config() -> dict[str, Any]:
@@ -77,7 +78,7 @@ def parse_source_flags(flags: Sequence[str]) -> dict[str, str]:
   for flag in flags:
     m = _NAMED_SOURCE.match(flag)
     if m and not flag.startswith(("demo:", "files:", "things:", "tfds:")):
-      name, spec = m["name"], m["spec"]
+      name, spec = check_split(m["name"]), m["spec"]
     else:
       name, spec = _default_split_name(flag), flag
     if name in sources:
@@ -85,6 +86,16 @@ def parse_source_flags(flags: Sequence[str]) -> dict[str, str]:
                        f"name them: --source NAME=SPEC.")
     sources[name] = spec
   return sources
+
+
+def check_split(name: str) -> str:
+  """A split name is a file-name component (`embeddings/<split>-00000-of-00001.parquet`): the shared rule of
+  `checks.check_name` (no '/', no '..'), and the store's own (letters, digits, '_': '-' separates the shard)."""
+  check_name(name, "split name (--source NAME=SPEC)")
+  try:
+    return embeddings.check_split_name(name)
+  except ValueError as e:
+    raise InputError(str(e)) from None
 
 
 def _default_split_name(spec: str) -> str:
@@ -116,7 +127,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
-  """The world artifact(s) of demo sources, the folders of file sources, a model checkpoint."""
+  """The world artifact(s) of demo sources, the folders of file sources, a model checkpoint. The config is checked
+  first (split names, sizes), so a bad one fails before any input is read or anything is written."""
+  _check_config(config)
   urls: dict[str, str] = {}
   demo = {split: image_sources.input_url(spec) for split, spec in config["sources"].items()
           if spec.startswith("demo:")}
@@ -140,7 +153,7 @@ def _check_config(config: dict[str, Any]) -> None:
     raise ValueError("No image sources: pass --source SPEC (e.g. --source 'files:DIR/**/*'). "
                      + image_sources.SPEC_HELP)
   for split in config["sources"]:
-    embeddings.check_split_name(split)
+    check_split(split)
   embeddings.check_dtype(config["dtype"])
   if config["compute_dtype"] not in COMPUTE_DTYPES:
     raise ValueError(f"embed config compute_dtype must be one of {COMPUTE_DTYPES}, got {config['compute_dtype']!r}.")
@@ -271,6 +284,8 @@ def _read_blocks(task: image_sources.ReadTask, sources: dict[str, image_sources.
 def _write_shard(keyed: tuple[tuple[str, int], Iterable[EmbeddedBlock | None]], shard_dir: str,
                  num_shards: dict[str, int], dim: int, dtype: str) -> tuple[str, int, int]:
   (split, shard), pieces = keyed
+  if dim == 0:  # No image of any split decoded: nothing to write; `_finish` says so, naming the dead letters.
+    return split, shard, 0
   pieces = [p for p in pieces if p is not None]
   if pieces:
     ids = np.concatenate([p.ids for p in pieces])
@@ -388,11 +403,19 @@ def _finish(config: dict[str, Any], sources: dict[str, image_sources.ImageSource
     n = embeddings.num_shards(len(src), config["rows_per_shard"])
     rows, dim = 0, 0
     for i in range(n):
-      with writer.open(embeddings.shard_name(split, i, n), "rb") as f:
+      name = embeddings.shard_name(split, i, n)
+      if not writer.fs.exists(writer.local_path(name)):  # Not written: no image of any split decoded.
+        continue
+      with writer.open(name, "rb") as f:
         meta = pq.ParquetFile(f).metadata
         rows += meta.num_rows
         dim = meta.schema.to_arrow_schema().field("embedding").type.list_size
-    failed = sum(1 for f in failures if f["split"] == split)
+    dead = [f for f in failures if f["split"] == split]
+    if rows == 0:
+      examples = "; ".join(f"{f['file_name']}: {f['reason']}" for f in dead[:3])
+      raise InputError(f"No image of split {split!r} ({src.spec}) could be decoded: {len(dead)} of {len(src)} "
+                       f"records failed, e.g. {examples or 'none recorded'}.")
+    failed = len(dead)
     entries[split] = {**embeddings.index_entry(len(src), config["rows_per_shard"], dim, config["dtype"], rows,
                                                src.spec), **src.metadata()}
     writer.set_rows(f"{embeddings.SHARD_DIR}/{split}", rows)

@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, evaluation, triplet_math
+from alignet_data import artifacts, evaluation, numeric_files, triplet_math
+from alignet_data.checks import InputError, require_finite
 
 STAGE = "evaluate"
 TRAIN_PREFIX = "train:"
@@ -311,10 +312,11 @@ class Subject:
         fs, path = artifacts.url_to_fs(url)
         if not fs.isfile(path):
           raise FileNotFoundError(f"Embeddings file not found: {url}")
-        with fs.open(path, "rb") as f:
-          self.matrix = np.load(f, allow_pickle=False)
-        if self.matrix.ndim != 2:
-          raise ValueError(f"{url}: an embeddings .npy must be (n, d), got shape {self.matrix.shape}.")
+        self.matrix = numeric_files.load_npy(url, what="numeric .npy (n, d) embedding matrix")
+        if self.matrix.ndim != 2 or self.matrix.dtype.kind not in "iuf":
+          raise InputError(f"{url}: an embeddings .npy must be a numeric (n, d) matrix, got shape "
+                           f"{self.matrix.shape}, dtype {self.matrix.dtype}.")
+        numeric_files.require_finite_rows(self.matrix, f"Embeddings {url}")  # NaN would score as a hit.
         self.kind, self.dim = "npy", int(self.matrix.shape[1])
       else:
         from alignet_data import embeddings
@@ -332,8 +334,11 @@ class Subject:
     return out
 
   def _out(self, x: np.ndarray) -> np.ndarray:
+    """Vectors as evaluated: with the transform, checked for overflow (inputs were checked where they entered)."""
     x = np.asarray(x, np.float32)
-    return self.transform.apply(x) if self.transform is not None else x
+    if self.transform is None:
+      return x
+    return numeric_files.require_finite_rows(self.transform.apply(x), f"{self.name}: vectors after its transform")
 
   def _split(self, split: str) -> Any:
     from alignet_data import embeddings
@@ -350,7 +355,8 @@ class Subject:
                         "`alignet embed` and evaluate the embeddings)")
     if which not in self._cache:
       images = self.world.things_images if which == "things" else self.world.pool_images
-      self._cache[which] = embed_images(self.model, images, self.batch_size, self.bar)
+      self._cache[which] = require_finite(embed_images(self.model, images, self.batch_size, self.bar),
+                                          f"{self.name}: the model's vectors of the world's {which} images")
     return self._cache[which]
 
   def things(self, n_objects: int | None = None) -> np.ndarray:
@@ -412,7 +418,8 @@ class Subject:
       raise Unavailable(f"{len(missing)} of {len(names)} images are not in {self.images} (e.g. {missing[:3]})")
     key = ("named", tuple(names))
     if key not in self._cache:
-      self._cache[key] = embed_files(self.model, [files[_key(n)] for n in names], self.batch_size, self.bar)
+      self._cache[key] = require_finite(embed_files(self.model, [files[_key(n)] for n in names], self.batch_size,
+                                                    self.bar), f"{self.name}: the model's vectors of {self.images}")
     return self._cache[key]
 
   def labelled(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -493,7 +500,7 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
   from alignet_data import things
   # Soft labels from a `human` artifact come with their own (test) triplets.
   human_art = artifacts.try_load(config["things_soft_labels"]) if config.get("things_soft_labels") else None
-  human = human_art.load_npz("soft_labels.npz") if human_art is not None else None
+  human = things.read_soft_labels(human_art.url) if human_art is not None else None  # Checked: finite p*.
   if config.get("things_triplets"):
     triplets = things.load_triplets(config["things_triplets"])
     source = config["things_triplets"]
@@ -513,6 +520,7 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
     else:
       soft = np.asarray(things.read_array(config["things_soft_labels"], ("probs", "test_probs", "soft_labels")),
                         np.float64)
+      require_finite(soft, f"Soft labels {config['things_soft_labels']}")
     if soft.shape != triplets.shape:
       raise ValueError(f"things_soft_labels {config['things_soft_labels']} has shape {soft.shape}; it needs one "
                        f"row of 3 pair probabilities per triplet: {triplets.shape}.")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data import artifacts, clustering, embeddings, labelling, sampling, shards
+from alignet_data.checks import check_name
 from alignet_data.transform import Transform
 from pipelines import stages
 
@@ -91,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  """The input URLs; the config is checked here first, so a bad flag fails before any input is read or written."""
+  check_config(config)
   if not config.get("embeddings"):
     raise ValueError(f"The {STAGE} stage needs `embeddings` (--embeddings URL of an embed artifact).")
   urls = {"embeddings": config["embeddings"]}
@@ -148,8 +151,10 @@ class TripletInputs:
     if len(emb) < 3:
       raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} has {len(emb)} rows; "
                        "triplets need at least 3.")
-    raw = emb.vectors
-    vectors = clustering.transform_rows(Transform.load(config["transform"]), raw) if config.get("transform") else raw
+    raw = emb.vectors  # NaN/inf refused by the readers (embeddings, transform) and by transform_rows.
+    what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config.get('transform')}"
+    vectors = clustering.transform_rows(Transform.load(config["transform"]), raw, what=what) \
+        if config.get("transform") else raw
     clusters = k = None
     if config.get("clusters"):
       cl = clustering.load(config["clusters"])
@@ -347,7 +352,12 @@ def SampleTriplets(config: dict[str, Any], out_url: str):  # noqa: N802 (a PTran
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def _validate(config: dict[str, Any]) -> None:
+def check_config(config: dict[str, Any]) -> None:
+  """Refuse a bad config before any work: formats, counts, strategies and their weights, and every name that
+  becomes part of a file name (`npz_sampling`, the embeddings split), by the one rule of `checks.check_name`."""
+  if config.get("npz_sampling"):  # "" or None: derived from the strategy.
+    check_name(config["npz_sampling"], "--npz-sampling tag")
+  check_name(config["split"], "embeddings --split")
   bad = [f for f in config["formats"] if f not in FORMATS]
   if bad or not config["formats"]:
     raise ValueError(f"Unknown output format(s) {bad or config['formats']}; choose from {', '.join(FORMATS)}.")
@@ -364,10 +374,11 @@ def _validate(config: dict[str, Any]) -> None:
   for key in ("num_shards", "num_valid_shards", "block_size"):
     if int(config[key]) < 1:
       raise ValueError(f"{key} must be >= 1, got {config[key]}.")
+  strategy_ranges(config)  # Known strategy names, finite non-negative weights.
 
 
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
-  _validate(config)
+  check_config(config)
   tic = time.perf_counter()
   inputs = _inputs(config)  # Fail early (and clearly) on bad inputs, before Beam starts.
   loaded = time.perf_counter()

@@ -248,3 +248,20 @@ def test_acceptance_cli_files_and_tfds_mock(tmp_path):
   e = embeddings.load(str(tmp_path / "TFDS"), "train")
   np.testing.assert_array_equal(e.ids, np.arange(5))
   assert e.vectors.shape == (5, teacher.dim) and np.all(np.isfinite(e.vectors))
+
+
+def test_a_split_with_no_decodable_image_fails_naming_it(tmp_path, capsys):
+  """Every image undecodable was a pyarrow `list_size` error from inside Beam: now one line naming the split and
+  the first dead letters, exit 1, and no artifact."""
+  from pipelines import cli
+  bad = {"n01/text.jpg": b"not an image\n", "n01/zero.png": b"", "n02/cut.jpg": _jpeg((64, 64))[:900]}
+  for name, data in bad.items():
+    (tmp_path / "DIR" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "DIR" / name).write_bytes(data)
+  code = cli.main(["embed", "--source", f"train=files:{tmp_path}/DIR/**/*", "--model", "demo-teacher",
+                   "--out", str(tmp_path / "OUT")])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert code == 1
+  assert err.startswith("alignet embed: error: No image of split 'train'") and "3 of 3 records failed" in err
+  assert "n01/text.jpg" in err and "empty file (0 bytes)" in err
+  assert not (tmp_path / "OUT").exists()

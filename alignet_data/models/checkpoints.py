@@ -13,6 +13,8 @@ import fsspec
 import jax
 import numpy as np
 
+from alignet_data import numeric_files
+
 # Prefixes under which a ViT image tower sits in other big_vision checkpoints (SigLIP two-towers: params/img/).
 IMAGE_TOWER_PREFIXES = ("", "params/", "img/", "params/img/")
 
@@ -55,10 +57,9 @@ def save_checkpoint(path_or_url: str, params: Mapping[str, Any]) -> None:
 
 
 def load_flat(path_or_url: str) -> dict[str, np.ndarray]:
-  """All arrays of a flat npz checkpoint, keyed by their "/"-joined names."""
-  with fsspec.open(path_or_url, "rb") as f:
-    with np.load(f, allow_pickle=False) as z:
-      return {k: np.asarray(z[k]) for k in z.files}
+  """All arrays of a flat npz checkpoint, keyed by their "/"-joined names; a missing, empty, corrupt or non-npz
+  file is an InputError naming it (never numpy's "allow_pickle" advice)."""
+  return numeric_files.load_npz(path_or_url, what="checkpoint (.npz of parameter arrays)")
 
 
 def load_checkpoint(path_or_url: str, prefix: str = "") -> dict[str, Any]:
