@@ -20,6 +20,7 @@ import concurrent.futures
 import datetime
 import functools
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -90,11 +91,22 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def write_bytes(url: str, data: bytes | memoryview) -> None:
-  """Write a whole file at `url` (any fsspec URL), making its parent folders."""
+  """Write a whole file at `url` (any fsspec URL), making its parent folders; never half-written: local files
+  go to a hidden temporary name and are renamed into place (object stores show an object only once uploaded)."""
   fs, path = url_to_fs(url)
   fs.makedirs(posixpath.dirname(path), exist_ok=True)
-  with fs.open(path, "wb") as f:
-    f.write(data)
+  if not is_local(fs):
+    with fs.open(path, "wb") as f:
+      f.write(data)
+    return
+  tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -216,9 +228,10 @@ class Artifact:
     return read_json(self.path(name))
 
   def load_npz(self, name: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz in the artifact (InputError naming it when it is corrupt or not an npz)."""
+    from alignet_data import numeric_files
     with self.open(name, "rb") as f:
-      with np.load(f, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+      return numeric_files.load_npz(f, self.path(name))
 
   @property
   def report(self) -> dict[str, Any]:
@@ -389,6 +402,7 @@ class WriteLock:
           self.log(f"reclaiming a stale lock {self.url} (held by {holder}; that process is gone)")
           self.fs.rm(self.path)
           continue
+        holder = holder or {}  # Unreadable again: report what there is.
         raise LockedError(f"{self.url} is held by another writer (host {holder.get('host')}, pid "
                           f"{holder.get('pid')}, since {holder.get('started')}): one writer per output. Wait for "
                           "it, or delete the lock file if that writer is gone.") from None
@@ -496,9 +510,11 @@ class ArtifactWriter:
       f.write(json_bytes(obj))
 
   def write_npz(self, name: str, **arrays: np.ndarray) -> None:
-    """Uncompressed npz: byte-identical for identical arrays (zip entries carry a fixed date)."""
+    """Uncompressed npz: byte-identical for identical arrays (zip entries carry a fixed date), on any filesystem."""
+    buf = io.BytesIO()  # zipfile lays out a file it cannot seek (gcsfs writers) otherwise: data descriptors.
+    np.savez(buf, **arrays)
     with self.open(name, "wb") as f:
-      np.savez(f, **arrays)
+      f.write(buf.getbuffer())
 
   def set_rows(self, name: str, count: int) -> None:
     self.rows[name] = int(count)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from alignet_data import artifacts, numeric_files
+from alignet_data import artifacts, checks, numeric_files
 
 FILE_NAME = "clusters.npz"
 _ASSIGN_BLOCK = 1 << 16
@@ -154,7 +154,7 @@ def transform_rows(transform, x: np.ndarray, block: int = _ASSIGN_BLOCK, what: s
   for s in range(0, len(x), block):
     with np.errstate(over="ignore", invalid="ignore"):  # Checked just below, with a message naming the inputs.
       out[s:s + block] = transform.apply(x[s:s + block])
-    numeric_files.require_finite_rows(out[s:s + block], f"{what} (rows from {s})", block)
+    checks.require_finite(out[s:s + block], f"{what} (rows from {s})", block)
   return out
 
 

@@ -1,4 +1,4 @@
-"""Reading user-supplied `.npy` / `.npz` files: one-line `InputError`s that name the file, and cheap finite checks.
+"""Reading user-supplied `.npy` / `.npz` files: one-line `InputError`s that name the file.
 
 numpy's own errors mislead a user: a 0-byte file is an `EOFError`, a corrupt zip a `BadZipFile`, and any other
 bytes get the advice to pass ``allow_pickle=True`` (which would execute them). Every reader of a numeric file that a
@@ -17,7 +17,6 @@ from alignet_data.checks import InputError
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # A zip with members; an empty zip.
-_ROW_BLOCK = 1 << 16  # Rows per finite check: ~300 MB of bool temporaries at d = 1152 instead of 1.5 GB.
 # What numpy and zipfile raise on truncated or corrupt bytes.
 _READ_ERRORS = (ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
@@ -82,17 +81,3 @@ def _name(source: str | IO[bytes], url: str | None) -> str:
   if url:
     return url
   return source if isinstance(source, str) else str(getattr(source, "path", None) or getattr(source, "name", "file"))
-
-
-def require_finite_rows(x: np.ndarray, what: str, block: int = _ROW_BLOCK) -> np.ndarray:
-  """`x` unchanged if every value is finite, checked in row blocks (no whole-matrix temporary, no copy); else
-  InputError naming `what` and the first bad row. For matrices too large for `checks.require_finite` at once."""
-  if np.asarray(x).dtype.kind not in "fc":
-    return x
-  for start in range(0, len(x), block):
-    chunk = np.asarray(x[start:start + block])
-    if not np.isfinite(chunk).all():
-      bad = np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1))
-      raise InputError(f"{what} holds non-finite values (NaN or inf), first at row {start + int(bad[0])}: "
-                       "numbers must be finite.")
-  return x

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data import alignment, artifacts, numeric_files, object_features, things
-from alignet_data.checks import InputError
+from alignet_data.checks import InputError, require_finite
 from pipelines import stages
 
 STAGE = "align"
@@ -108,7 +108,7 @@ def load_features(url: str, split: str = "things", unique_ids: str | None = None
     else:
       n = int(embeddings.info(art)["splits"][split].get("num_ids", int(emb.ids.max()) + 1))
       x = emb.take(np.arange(n))  # KeyError names any object whose image failed to embed.
-  return numeric_files.require_finite_rows(np.asarray(x, np.float32), f"Features {url}")
+  return require_finite(np.asarray(x, np.float32), f"Features {url}")
 
 
 def _human_side(config: dict[str, Any], n_objects: int) -> dict[str, np.ndarray | None]:

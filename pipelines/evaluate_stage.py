@@ -316,7 +316,7 @@ class Subject:
         if self.matrix.ndim != 2 or self.matrix.dtype.kind not in "iuf":
           raise InputError(f"{url}: an embeddings .npy must be a numeric (n, d) matrix, got shape "
                            f"{self.matrix.shape}, dtype {self.matrix.dtype}.")
-        numeric_files.require_finite_rows(self.matrix, f"Embeddings {url}")  # NaN would score as a hit.
+        require_finite(self.matrix, f"Embeddings {url}")  # NaN would score as a hit.
         self.kind, self.dim = "npy", int(self.matrix.shape[1])
       else:
         from alignet_data import embeddings
@@ -338,7 +338,7 @@ class Subject:
     x = np.asarray(x, np.float32)
     if self.transform is None:
       return x
-    return numeric_files.require_finite_rows(self.transform.apply(x), f"{self.name}: vectors after its transform")
+    return require_finite(self.transform.apply(x), f"{self.name}: vectors after its transform")
 
   def _split(self, split: str) -> Any:
     from alignet_data import embeddings

@@ -78,3 +78,9 @@ def test_triplet_agreement_counts_student_ties_as_wrong():
 def test_unknown_loss_is_a_clear_error():
   with pytest.raises(ValueError, match="Unknown triplet loss 'mse'"):
     losses.get_loss("mse")
+
+
+def test_a_non_finite_student_similarity_never_agrees():
+  teacher = jnp.array([[3.0, 2.0, 1.0]] * 3)
+  student = jnp.array([[jnp.nan, 1.0, 0.0], [jnp.inf, 1.0, 0.0], [2.0, 1.0, 0.0]])
+  np.testing.assert_array_equal(losses.triplet_agreement(student, teacher), [0.0, 0.0, 1.0])

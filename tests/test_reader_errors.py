@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, embeddings, models, numeric_files, things
+from alignet_data import artifacts, checks, embeddings, models, numeric_files, things
 from alignet_data.checks import InputError
 from alignet_data.transform import Transform
 from pipelines import cli
@@ -71,12 +71,12 @@ def test_good_files_load_and_kinds_are_checked(tmp_path):
     numeric_files.load(str(tmp_path / "missing.npy"))
 
 
-def test_require_finite_rows_names_the_absolute_row():
+def test_require_finite_names_the_absolute_row_without_copying():
   x = np.zeros((10, 3), np.float32)
-  assert numeric_files.require_finite_rows(x, "x", block=4) is x  # No copy.
+  assert checks.require_finite(x, "x", block=4) is x  # No copy.
   x[9, 1] = np.nan
   with pytest.raises(InputError, match="first at row 9"):
-    numeric_files.require_finite_rows(x, "x", block=4)
+    checks.require_finite(x, "x", block=4)
 
 
 # ---------------------------------------------------------------------------------- through the commands

@@ -89,12 +89,14 @@ def triplet_agreement(student_sims: jax.Array, target_sims: jax.Array) -> jax.Ar
   """1.0 where the student's odd one out equals the teacher's, else 0.0; a tie in the student counts as wrong.
 
   Triplets whose TEACHER top similarity is tied have no defined answer; they are counted as wrong too (never
-  happens with float similarities from real embeddings).
+  happens with float similarities from real embeddings). A non-finite similarity on either side is wrong, never
+  a hit (argmax would pick a NaN, and a NaN equals no maximum, so the tie check alone would not fire).
   """
   def odd(s):
     best = jnp.argmax(s, axis=-1)
     tied = jnp.sum(s == jnp.max(s, axis=-1, keepdims=True), axis=-1) > 1
-    return jnp.where(tied, -1, _ODD_OF_PAIR[best])
+    bad = tied | ~jnp.all(jnp.isfinite(s), axis=-1)
+    return jnp.where(bad, -1, _ODD_OF_PAIR[best])
 
   student, teacher = odd(student_sims), odd(target_sims)
   return ((student == teacher) & (teacher >= 0)).astype(jnp.float32)
