@@ -354,6 +354,20 @@ def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> No
                          f"(e.g. {foreign[0]!r}); refusing to replace it (nothing was deleted). Move them away first.")
 
 
+def missing_ancestor(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+  """The highest folder on the way to `path` (itself included) that does not exist yet, or None."""
+  top = None
+  while path and path not in ("/", ".") and not fs.exists(path):
+    top, path = path, posixpath.dirname(path.rstrip("/"))
+  return top
+
+
+def remove_if_empty(fs: fsspec.AbstractFileSystem, folder: str | None) -> None:
+  """Remove a folder this writer created, if nothing was left in it (a refused or failed write leaves no trace)."""
+  if folder and fs.exists(folder) and not fs.find(folder):
+    fs.rm(folder, recursive=True)
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -400,7 +414,10 @@ class WriteLock:
                  and not _pid_alive(int(holder.get("pid", -1))))
         if attempt == 0 and (holder is None or stale):
           self.log(f"reclaiming a stale lock {self.url} (held by {holder}; that process is gone)")
-          self.fs.rm(self.path)
+          try:
+            self.fs.rm(self.path)
+          except FileNotFoundError:  # Its holder released it between our create and our read: just retry.
+            pass
           continue
         holder = holder or {}  # Unreadable again: report what there is.
         raise LockedError(f"{self.url} is held by another writer (host {holder.get('host')}, pid "
@@ -454,6 +471,7 @@ class ArtifactWriter:
     self.tmp_url = join(posixpath.dirname(self.url), staging) if "://" in self.url else self._tmp
     self.rows: dict[str, int] = {}
     check_output(self.url, stage, self.input_urls)
+    self._created = missing_ancestor(self.fs, self._parent)  # Removed again if we leave nothing in it.
     self.lock = WriteLock(self.url, self.writer_id, log)
     self.lock.acquire()
     try:
@@ -462,6 +480,7 @@ class ArtifactWriter:
       self.fs.makedirs(self._tmp, exist_ok=True)
     except BaseException:
       self.lock.release()
+      remove_if_empty(self.fs, self._created)
       raise
 
   def __enter__(self) -> ArtifactWriter:
@@ -526,6 +545,7 @@ class ArtifactWriter:
         self.fs.rm(self._tmp, recursive=True)
     finally:
       self.lock.release()
+      remove_if_empty(self.fs, self._created)
 
   close = abort
 

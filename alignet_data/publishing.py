@@ -108,13 +108,15 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
   if done is not None:
     return done
   writer_id = artifacts.new_writer_id()
+  parent = posixpath.dirname(root.rstrip("/"))
+  created = artifacts.missing_ancestor(fs, parent)  # Removed again if the publish fails.
   lock = artifacts.WriteLock(dest, writer_id, log)
   lock.acquire()
-  parent = posixpath.dirname(root.rstrip("/"))
   staging = posixpath.join(parent, f".{version}.incomplete-{writer_id}")
   try:
     done = _already(fs, root, dest, src, if_exists, log)  # Another publisher may have finished meanwhile.
     if done is not None:
+      lock.release()
       return done
     _clear_debris(fs, parent, root, version, dest, log)
     manifest = _assemble(src, fs, staging, name, version, dest, card)
@@ -123,9 +125,10 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
   except BaseException:
     if fs.exists(staging):
       fs.rm(staging, recursive=True)
-    raise
-  finally:
     lock.release()
+    artifacts.remove_if_empty(fs, created)
+    raise
+  lock.release()
   log(f"[publish] published {len(manifest['files'])} files to {dest}")
   return _result(dest, manifest, src, already=False)
 

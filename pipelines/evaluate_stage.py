@@ -359,8 +359,8 @@ class Subject:
                                           f"{self.name}: the model's vectors of the world's {which} images")
     return self._cache[which]
 
-  def things(self, n_objects: int | None = None) -> np.ndarray:
-    """(n_objects, d) vectors of THINGS concepts 0..n-1 (the triplet files' indices)."""
+  def things(self, n_objects: int | None = None, source: str = "the triplets") -> np.ndarray:
+    """(n_objects, d) vectors of THINGS concepts 0..n-1 (the triplet files' indices; `source` names them)."""
     if self.kind == "npy":
       x = self.matrix
     elif self.kind == "embeddings":
@@ -370,7 +370,8 @@ class Subject:
     else:
       x = self._world_images("things")
     if n_objects is not None and len(x) < n_objects:
-      raise ValueError(f"{self.name}: {len(x)} THINGS vectors, but the triplets index {n_objects} objects.")
+      raise ValueError(f"{self.name}: {len(x)} THINGS vectors, but {source} index {n_objects} objects "
+                       f"(0..{n_objects - 1}).")
     return self._out(x)
 
   def pool(self) -> np.ndarray:
@@ -529,7 +530,7 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
   n_objects = int(triplets.max()) + 1
   per_model = {}
   for name, s in subjects.items():
-    x = _try(skipped, f"things/{name}", lambda s=s: s.things(n_objects))
+    x = _try(skipped, f"things/{name}", lambda s=s: s.things(n_objects, source))
     if x is None:
       continue
     sims = triplet_math.triplet_similarities(np.asarray(x, np.float64), triplets)

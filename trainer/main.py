@@ -135,10 +135,9 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     if changed:
       print(f"[train] config differs from the last run in {workdir} in {changed} (resuming anyway; a new `steps` "
             "stretches the learning-rate schedule)", flush=True)
-  artifacts.write_bytes(saved, artifacts.json_bytes(config))
   print(f"[train] checkpoints: {ckpt_dir}; TensorBoard: {artifacts.join(workdir, 'tensorboard')}; metrics: "
         f"{artifacts.join(workdir, 'metrics.jsonl')}, {artifacts.join(workdir, 'metrics.json')}", flush=True)
-  result = train.train_and_evaluate(config, workdir)
+  result = train.train_and_evaluate(config, workdir, save_config=config)  # Writes config.json once inputs check.
   print(f"train: loss {result['loss']:.4f}, val_triplet_accuracy {result['val_triplet_accuracy']:.4f}, "
         f"{result['steps_per_second']:.2f} steps/s, input {result['input_images_per_second']} images/s per "
         f"worker; workdir {workdir} (tensorboard/, metrics.json, student.npz)")

@@ -406,8 +406,11 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
 
 def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = None,
                        images: input_pipeline.ImageSource | None = None, mesh: jax.sharding.Mesh | None = None,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
+                       log: Callable[[str], None] = print, save_config: Mapping[str, Any] | None = None
+                       ) -> dict[str, Any]:
   """Train to `config["steps"]` (resuming from the latest checkpoint), validate, export.
+
+  `save_config` is written to `<workdir>/config.json` once the inputs are known good (the CLI's resolved config).
 
   `workdir` is any fsspec URL (a local path, file://, gs://, memory://); everything but the checkpoints is
   written through fsspec: `tensorboard/` (event files), `metrics.jsonl` (a row every `log_every` steps, written
@@ -439,7 +442,6 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
     raise InputError("config['shards'] is empty: give a triplets artifact, a published version or a directory of "
                      "released alignet_*.npz files (--shards).")
   fs, root = artifacts.url_to_fs(workdir)
-  fs.makedirs(root, exist_ok=True)
   shards_art = input_pipeline.open_shards(config["shards"])
   fmt = config["format"]
   train_data = input_pipeline.read_triplets(shards_art or config["shards"], "train", fmt=fmt)
@@ -450,6 +452,9 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
     images = input_pipeline.open_images(spec, config["tfds_data_dir"])
   input_pipeline.check_indices(train_data, images, f"{config['shards']} (train)")
   input_pipeline.check_indices(valid_data, images, f"{config['shards']} (valid)")
+  fs.makedirs(root, exist_ok=True)  # Only now: bad inputs leave no workdir behind.
+  if save_config is not None:
+    artifacts.write_bytes(artifacts.join(workdir, "config.json"), artifacts.json_bytes(save_config))
   if model is None:
     from alignet_data import models
     model = models.load_model(config["student"])
