@@ -293,16 +293,17 @@ def _location(url: str) -> tuple[str, str]:
 
 
 def overlap(a: str, b: str) -> str | None:
-  """How location `a` relates to `b`: "equal to", "inside", "containing", or None when they are apart."""
+  """How location `a` relates to `b`, as a verb phrase: "is the same folder as", "is inside", "contains", or None
+  when they are apart."""
   (pa, xa), (pb, xb) = _location(a), _location(b)
   if pa != pb:
     return None
   if xa == xb:
-    return "equal to"
+    return "is the same folder as"
   if xa.startswith(xb.rstrip("/") + "/"):
-    return "inside"
+    return "is inside"
   if xb.startswith(xa.rstrip("/") + "/"):
-    return "containing"
+    return "contains"
   return None
 
 
@@ -320,7 +321,7 @@ def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> No
   for name, input_url in input_locations(dict(input_urls)).items():
     how = overlap(url, input_url)
     if how:
-      raise OwnershipError(f"--out {url} is {how} the input `{name}` ({input_url}): a stage never writes over "
+      raise OwnershipError(f"--out {url} {how} the input `{name}` ({input_url}): a stage never writes over "
                            "its own inputs; choose another --out.")
   fs, path = url_to_fs(url)
   if not fs.exists(path):

@@ -27,6 +27,19 @@ def check_name(value: object, what: str) -> str:
   return text
 
 
+def require_min(config: dict, stage: str, **minimums: float) -> None:
+  """InputError unless each named option is a number >= its minimum (None = unset, allowed).
+
+  Checked before any work, so a typo like `--niter 0` fails at once instead of after loading or compiling.
+  """
+  for key, low in minimums.items():
+    value = config.get(key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+      raise InputError(f"{stage} option {key} (--{key.replace('_', '-')}) must be a number >= {low}, got {value!r}.")
+
+
 _ROW_BLOCK = 1 << 16  # Rows per check: ~300 MB of bool temporaries at d = 1152, not 1.5 GB for ImageNet.
 
 

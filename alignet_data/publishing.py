@@ -101,7 +101,7 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
   dest = version_url(bucket, name, version)
   how = artifacts.overlap(dest, src.url)
   if how:
-    raise PublishError(f"The destination {dest} is {how} the source {src.url}: a published version must live "
+    raise PublishError(f"The destination {dest} {how} the source {src.url}: a published version must live "
                        "apart from what it was published from; choose another --to.")
   fs, root = artifacts.url_to_fs(dest)
   done = _already(fs, root, dest, src, if_exists, log)

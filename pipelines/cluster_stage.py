@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, clustering, embeddings
+from alignet_data import artifacts, checks, clustering, embeddings
 from alignet_data.transform import Transform
 from pipelines import stages
 
@@ -59,6 +59,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  checks.require_min(config, STAGE, k=1, niter=1, nredo=1, max_points_per_centroid=1, seed=0)
+  for k in config["k_grid"] or []:
+    checks.require_min({"k_grid": k}, STAGE, k_grid=2)
   urls = {"embeddings": _required(config, "embeddings")}
   if config.get("transform"):
     urls["transform"] = config["transform"]

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, evaluation, numeric_files, triplet_math
+from alignet_data import artifacts, checks, evaluation, numeric_files, triplet_math
 from alignet_data.checks import InputError, require_finite
 
 STAGE = "evaluate"
@@ -195,6 +195,12 @@ def _levels_urls(config: dict[str, Any]) -> list[str]:
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  checks.require_min(config, STAGE, seed=0, entropy_tau=1e-9, batch_size=1)
+  boot = _bootstrap(config)
+  checks.require_min({"bootstrap_resamples": boot["resamples"], "bootstrap_size": boot["size"]}, STAGE,
+                     bootstrap_resamples=1, bootstrap_size=1)
+  for shots in config["probe"].get("shots") or []:
+    checks.require_min({"shots": shots}, STAGE, shots=1)
   urls = {"world": config["world"]} if config["world"] else {}
   for name, spec in sorted(model_specs(config).items()):
     model, transform = _split_spec(spec)

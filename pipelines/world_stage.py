@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from alignet_data import artifacts, demo_world
+from alignet_data import artifacts, checks, demo_world
 from pipelines import stages
 
 STAGE = "world"
@@ -29,6 +29,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
+  checks.require_min(config, STAGE, seed=0, n_super=2, n_basic_per_super=2, n_sub_per_basic=1, n_palettes=1,
+                     images_per_class=1, image_size=8, human_dim=1, human_beta=0, things_train=1, things_test=1,
+                     levels_per_level=1, levels_responses=1)
   return {}
 
 

@@ -53,9 +53,9 @@ def test_out_holding_a_users_file_is_refused_and_the_file_kept(run_dir, tmp_path
 def test_out_containing_equal_to_or_inside_an_input_is_refused(run_dir, capsys):
   before = _tree(run_dir)
   assert _cluster(run_dir, run_dir / "embed") == 1
-  assert "containing the input `embeddings`" in capsys.readouterr().err
+  assert "contains the input `embeddings`" in capsys.readouterr().err
   assert _cluster(run_dir / "embed", run_dir / "embed") == 1
-  assert "equal to the input" in capsys.readouterr().err
+  assert "is the same folder as the input" in capsys.readouterr().err
   assert _cluster(run_dir / "embed" / "sub", run_dir / "embed") == 1
   assert "inside the input" in capsys.readouterr().err
   assert _tree(run_dir) == before and (run_dir / "embed" / "manifest.json").exists()

@@ -121,9 +121,9 @@ CASES = [
     ("cluster-out-user-folder", lambda r, s: ["cluster", "--embeddings", E(r), "--k", "3", "--out",
                                               _user_folder(s / "K")], "not empty"),
     ("cluster-out-run-folder", lambda r, s: ["cluster", "--embeddings", E(r), "--k", "3", "--out", str(r)],
-     "containing the input"),
+     "contains the input"),
     ("cluster-out-equals-input", lambda r, s: ["cluster", "--embeddings", E(r), "--k", "3", "--out", E(r)],
-     "equal to the input"),
+     "is the same folder as the input"),
     ("cluster-out-inside-input", lambda r, s: ["cluster", "--embeddings", E(r), "--k", "3", "--out",
                                                E(r) + "/sub"], "inside the input"),
     ("cluster-out-other-stage", lambda r, s: ["cluster", "--embeddings", E(r), "--k", "3", "--out", T(r)],
@@ -140,6 +140,8 @@ CASES = [
                                                 str(s / "C")], "t.npz"),
     ("cluster-unknown-split", lambda r, s: ["cluster", "--embeddings", E(r), "--split", "nosuch", "--k", "3",
                                             "--out", str(s / "C")], "nosuch"),
+    ("cluster-zero-iterations", lambda r, s: ["cluster", "--embeddings", E(r), "--niter", "0", "--out",
+                                              str(s / "C")], "niter"),
     ("cluster-locked-out", lambda r, s: ["cluster", "--embeddings", E(r), "--k", "3", "--out",
                                          _locked(s / "C")], "held by another writer"),
     # triplets
@@ -164,7 +166,7 @@ CASES = [
                                                    "--clusters", C(r), "--out", str(s / "Y")],
      "does not match its manifest"),
     ("triplets-out-is-input-clusters", lambda r, s: ["triplets", "--embeddings", E(r), "--clusters", C(r),
-                                                     "--out", C(r)], "equal to the input"),
+                                                     "--out", C(r)], "is the same folder as the input"),
     ("triplets-locked-out", lambda r, s: ["triplets", "--embeddings", E(r), "--clusters", C(r), "--out",
                                           _locked(s / "X")], "held by another writer"),
     # embed
@@ -177,7 +179,7 @@ CASES = [
     ("embed-every-image-undecodable", lambda r, s: ["embed", "--source", "pool=" + _garbage_pngs(s), "--model",
                                                     "demo-teacher", "--out", str(s / "E")], "decod"),
     ("embed-out-is-world", lambda r, s: ["embed", "--source", f"pool=demo:{W(r)}:pool", "--model", "demo-teacher",
-                                         "--out", W(r)], "equal to the input"),
+                                         "--out", W(r)], "is the same folder as the input"),
     # publish
     ("publish-into-its-source", lambda r, s: ["publish", "--from", X(r), "--to", X(r)], "inside the source"),
     ("publish-escaping-version", lambda r, s: ["publish", "--from", X(r), "--to", str(s / "b"), "--version",
@@ -214,6 +216,10 @@ CASES = [
                                              "x=" + _nan_transform(s / "t.npz", 5), "--things-triplets",
                                              _triplet_file(s / "t.txt", [[0, 1, 2]]), "--out", str(s / "R")],
      "non-finite"),
+    ("evaluate-zero-resamples", lambda r, s: ["evaluate", "--embeddings",
+                                              _npy(s / "x.npy", np.eye(5, dtype=np.float32)), "--things-triplets",
+                                              _triplet_file(s / "t.txt", [[0, 1, 2]]), "--bootstrap-resamples", "0",
+                                              "--out", str(s / "R")], "bootstrap_resamples"),
     # align
     ("align-nan-features", lambda r, s: ["align", "--features", _npy(s / "f.npy", np.full((10, 3), np.nan)),
                                          "--train", _triplet_file(s / "t.txt", [[0, 1, 2]] * 3), "--loss", "hard",
@@ -235,6 +241,8 @@ CASES = [
     ("train-shards-not-triplets", lambda r, s: ["train", "--shards", _user_folder(s / "U"), "--student",
                                                 "demo-student", "--steps", "2", "--workdir", str(s / "W")], "U"),
     # world and run
+    ("world-zero-images", lambda r, s: ["world", "--images-per-class", "0", "--out", str(s / "w")],
+     "images_per_class"),
     ("world-out-user-folder", lambda r, s: ["world", "--out", _user_folder(s / "K")], "not empty"),
     ("run-into-a-folder-with-a-users-stage-dir", lambda r, s: ["run", "--preset", "smoke", "--out",
                                                                _run_folder_with_user_world(s)], "not empty"),
@@ -387,3 +395,27 @@ def test_a_killed_stage_shows_nothing_half_written_and_its_rerun_equals_a_straig
   assert kills >= 1, f"{stage}: no attempt was still running at its kill moment {moments}"
   print(f"[faults] {stage}: straight run {total:.1f} s (writing from {began:.1f} s); SIGKILL at {moments} "
         f"(seconds after writing began, killed?); {kills} kills; rerun: {len(a)} data files, sha256 all equal")
+
+
+def test_two_writers_of_one_out_at_once_one_wins_and_the_artifact_is_all_its_own(run_dir, tmp_path):
+  """`alignet triplets --seed 1` is writing --out X when `alignet triplets --seed 2 --out X` starts: the second is
+  refused at once, the first commits, and every shard is the first's (they match a lone seed-1 run)."""
+  out = tmp_path / "X"
+  cmd = lambda seed, dest: _alignet("triplets", "--embeddings", E(run_dir), "--transform", T(run_dir),  # noqa: E731
+                                    "--clusters", C(run_dir), "--num", "500000", "--num-shards", "8", "--seed",
+                                    str(seed), "--format", "tfrecord,parquet,npz", "--out", str(dest))
+  first = subprocess.Popen(cmd(1, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not _started(out, first.pid, locked=True):
+    assert first.poll() is None and time.monotonic() < deadline, "the first writer never took the lock"
+    time.sleep(0.02)
+  second = subprocess.run(cmd(2, out), capture_output=True, text=True, timeout=600)
+  assert first.poll() is None, "the first writer finished before the second tried: make it write more"
+  assert second.returncode == 1 and "held by another writer" in second.stderr.strip().splitlines()[-1]
+  assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+  art = artifacts.load(str(out))
+  art.verify()
+  assert art.config["seed"] == 1
+  alone = tmp_path / "alone"
+  subprocess.run(cmd(1, alone), check=True, capture_output=True, timeout=600)
+  assert _data_digests(out) == _data_digests(alone)
