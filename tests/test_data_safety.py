@@ -188,3 +188,22 @@ def test_an_internal_error_prints_its_traceback_and_exits_2(monkeypatch, tmp_pat
   err = capsys.readouterr().err
   assert "Traceback" in err and "IndexError" in err and "internal error" in err
   assert not (tmp_path / "w").exists()
+
+
+def test_a_full_disk_inside_a_beam_worker_ends_in_one_line(run_dir, tmp_path, monkeypatch, capsys):
+  """The shard writer runs inside Beam's DoFn; its OSError reaches the user as one line, not 137."""
+  import errno
+
+  from alignet_data import shards
+
+  def full(url, record):
+    raise OSError(errno.ENOSPC, "No space left on device", url)
+
+  monkeypatch.setattr(shards, "write_parquet", full)
+  argv = ["triplets", "--embeddings", str(run_dir / "embed"), "--strategy", "random", "--num", "200",
+          "--num-valid", "20", "--format", "parquet", "--out", str(tmp_path / "X")]
+  assert cli.main(argv) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) <= 3, err  # Beam's own logged tracebacks are not repeated at the user.
+  assert err[-1].startswith("alignet triplets: error: [Errno 28] No space left on device") and "train-" in err[-1]
+  assert not (tmp_path / "X").exists() and [p.name for p in tmp_path.iterdir()] == []
