@@ -40,7 +40,7 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff"],
+        "test": ["pytest", "pytest-timeout", "ruff", "gcp-storage-emulator"],  # gcp-storage-emulator: gs:// tests.
         # The SigLIP parity test compares our Flax model with transformers' PyTorch one. torch itself is installed
         # by pip from its CPU wheel (see .ci/run): resolving it here would pull a multi-GB CUDA build.
         "parity": ["transformers==5.24.0", "safetensors==0.8.0", "sympy", "networkx", "jinja2", "filelock"],

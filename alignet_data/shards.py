@@ -20,7 +20,9 @@ import importlib.resources
 import itertools
 import json
 import posixpath
+import shutil
 import struct
+import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -494,6 +496,12 @@ def write_npz_parts(f: Any, arrays: dict[str, tuple[np.dtype, tuple[int, ...], I
   What `np.savez_compressed` writes, without ever holding a whole array: each member's .npy header gives the
   final shape, then the parts follow in order. Zip entries carry a fixed date, so the bytes are deterministic.
   """
+  if not f.seekable():  # gcsfs writers cannot seek, and zipfile then writes another layout (data descriptors):
+    with tempfile.TemporaryFile() as tmp:  # build it in a local temporary file, so the bytes are the same anywhere.
+      write_npz_parts(tmp, arrays)
+      tmp.seek(0)
+      shutil.copyfileobj(tmp, f, 1 << 24)
+    return
   with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_ZIP_LEVEL, allowZip64=True) as zf:
     for name, (dtype, shape, parts) in arrays.items():
       info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
