@@ -347,9 +347,8 @@ def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> No
     raise OwnershipError(f"--out {url} holds a {owner.get('stage')!r} artifact, not a {stage!r} one; refusing to "
                          "replace it (nothing was deleted). Choose another --out.")
   listed = set(owner.get("files", {})) | {MANIFEST, INCOMPLETE_MARKER}
-  dirs = {posixpath.dirname(n) for n in listed}
-  parents = {"/".join(d.split("/")[:i]) for d in dirs for i in range(1, d.count("/") + 2)}
-  foreign = [n for n in found if n not in listed and n not in parents]
+  files = sorted(posixpath.relpath(p, path) for p in fs.find(path))  # Folders only matter for what they hold.
+  foreign = [n for n in files if n not in listed]
   if foreign and MANIFEST in found:
     raise OwnershipError(f"--out {url} holds a {stage!r} artifact AND {len(foreign)} entries it does not list "
                          f"(e.g. {foreign[0]!r}); refusing to replace it (nothing was deleted). Move them away first.")
