@@ -314,13 +314,18 @@ class Subject:
     self.matrix = self.artifact = self.model = None
     if model.startswith(EMBEDDINGS_PREFIX):
       url = model[len(EMBEDDINGS_PREFIX):]
-      if url.endswith(".npy"):
+      if url.endswith((".npy", ".npz")):  # A bare matrix (an .npz: its `embeddings` array, else its first).
         fs, path = artifacts.url_to_fs(url)
         if not fs.isfile(path):
           raise FileNotFoundError(f"Embeddings file not found: {url}")
-        self.matrix = numeric_files.load_npy(url, what="numeric .npy (n, d) embedding matrix")
+        loaded = numeric_files.load(url, what="numeric (n, d) embedding matrix (.npy, or .npz of arrays)")
+        if isinstance(loaded, dict):
+          if not loaded:
+            raise InputError(f"{url}: holds no arrays.")
+          loaded = loaded.get("embeddings", next(iter(loaded.values())))
+        self.matrix = loaded
         if self.matrix.ndim != 2 or self.matrix.dtype.kind not in "iuf":
-          raise InputError(f"{url}: an embeddings .npy must be a numeric (n, d) matrix, got shape "
+          raise InputError(f"{url}: an embeddings matrix must be a numeric (n, d) array, got shape "
                            f"{self.matrix.shape}, dtype {self.matrix.dtype}.")
         require_finite(self.matrix, f"Embeddings {url}")  # NaN would score as a hit.
         self.kind, self.dim = "npy", int(self.matrix.shape[1])

@@ -150,3 +150,18 @@ def test_align_with_an_empty_features_npy_exits_1(tmp_path, capsys):
 def test_read_array_still_reads_npz_by_key(tmp_path):
   (tmp_path / "s.npz").write_bytes(_npz_bytes(other=np.zeros(2), probs=np.ones((2, 3))))
   assert things.read_array(str(tmp_path / "s.npz"), ("probs",)).shape == (2, 3)
+
+
+def test_evaluate_reads_an_npz_matrix_and_names_a_corrupt_one(tmp_path, capsys):
+  triplets = tmp_path / "t.txt"
+  triplets.write_text("0 1 2\n3 4 2\n")
+  x = np.eye(5, dtype=np.float32)
+  x[1] = x[0] * 0.9  # 0 and 1 similar: the first triplet's human pair is the model's too.
+  np.savez(tmp_path / "x.npz", embeddings=x)
+  assert cli.main(["evaluate", "--embeddings", str(tmp_path / "x.npz"), "--things-triplets", str(triplets),
+                   "--bootstrap-resamples", "5", "--out", str(tmp_path / "R")]) == 0
+  (tmp_path / "z.npz").write_bytes(b"PK not a zip")
+  assert cli.main(["evaluate", "--embeddings", str(tmp_path / "z.npz"), "--things-triplets", str(triplets),
+                   "--out", str(tmp_path / "R2")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "z.npz" in err and "manifest" not in err
