@@ -237,18 +237,26 @@ class Artifact:
   def report(self) -> dict[str, Any]:
     return self.read_json(REPORT)
 
-  def verify(self, names: Iterable[str] | None = None, threads: int | None = None) -> None:
+  def verify(self, names: Iterable[str] | None = None, threads: int | None = None) -> int:
     """Recompute the sha256 of files (all by default), streaming, several files at once (hashlib releases the
-    GIL); raise ChecksumError naming the first bad file (in name order) and both digests."""
+    GIL); raise ChecksumError naming the first bad file (in name order) and both digests.
+
+    A file verified before in this process, unchanged since (same manifest, same listing of sizes and
+    modification stamps), is not read again. Returns how many files were read.
+    """
     names = sorted(self.files) if names is None else list(names)
+    key = (json.dumps(_location(self.url)), self.digest, _listing_digest(self))
+    todo = [n for n in names if (key, n) not in _VERIFIED]
     threads = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      actual = dict(zip(names, pool.map(lambda n: sha256_file(self.fs, self.local_path(n)), names), strict=True))
-    for name in names:
+      actual = dict(zip(todo, pool.map(lambda n: sha256_file(self.fs, self.local_path(n)), todo), strict=True))
+    for name in todo:
       if actual[name] != self.files[name]["sha256"]:
         raise ChecksumError(f"{self.path(name)} does not match its manifest: sha256 {actual[name]}, manifest says "
                             f"{self.files[name]['sha256']} (the file changed after the artifact was written; "
                             "regenerate it, or pass --no-verify to use it anyway)")
+    _VERIFIED.update((key, n) for n in todo)
+    return len(todo)
 
 
 def load(url: str, stage: str | None = None) -> Artifact:
@@ -607,11 +615,11 @@ class ArtifactWriter:
 
 # ------------------------------------------------------------------------------------------- Verified inputs
 
-_VERIFIED: set[tuple[str, str]] = set()
+_VERIFIED: set[tuple[tuple[str, str, str], str]] = set()  # ((location, manifest digest, listing digest), file)
 
 
 def verify_inputs(input_urls: Mapping[str, str], log: Callable[[str], None] = print) -> None:
-  """Check every input artifact's files against its manifest sha256, once per process per manifest.
+  """Check every input artifact's files against its manifest sha256 (once per process: `Artifact.verify`).
 
   An input that is a file inside an artifact (e.g. ``align/transform.npz``) is checked against that artifact's
   manifest; a plain file or folder has nothing to be checked against.
@@ -629,15 +637,11 @@ def verify_inputs(input_urls: Mapping[str, str], log: Callable[[str], None] = pr
       if base not in art.files:
         continue
       names = [base]
-    key = (json.dumps(_location(art.url)), art.digest + str(names), _listing_digest(art))
-    if key in _VERIFIED:
-      continue
     start = time.perf_counter()
-    art.verify(names)
-    _VERIFIED.add(key)
-    count = len(art.files) if names is None else 1
-    log(f"verified input `{name}`: {count} files against {join(art.url, MANIFEST)} "
-        f"({time.perf_counter() - start:.1f} s)")
+    count = art.verify(names)
+    if count:
+      log(f"verified input `{name}`: {count} files against {join(art.url, MANIFEST)} "
+          f"({time.perf_counter() - start:.1f} s)")
 
 
 def _listing_digest(art: Artifact) -> str:

@@ -240,6 +240,9 @@ CASES = [
                                        "--workdir", str(s / "W")], "batch_size"),
     ("train-shards-not-triplets", lambda r, s: ["train", "--shards", _user_folder(s / "U"), "--student",
                                                 "demo-student", "--steps", "2", "--workdir", str(s / "W")], "U"),
+    ("train-tampered-world", lambda r, s: ["train", "--shards", X(r), "--world",
+                                           _tampered(r / "world", s, "world.npz"), "--student", "demo-student",
+                                           "--steps", "2", "--workdir", str(s / "W")], "does not match its manifest"),
     # world and run
     ("world-zero-images", lambda r, s: ["world", "--images-per-class", "0", "--out", str(s / "w")],
      "images_per_class"),

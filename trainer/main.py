@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run directory (local path or fsspec URL such as gs://...), in place of --out: "
                       "checkpoints, TensorBoard events, metrics; a rerun resumes there")
   parser.add_argument("--config", dest="config_file", default=None, help="JSON config file (keys of the config)")
+  parser.add_argument("--no-verify", dest="verify", action="store_false",
+                      help="skip checking the world, image and checkpoint inputs against their artifacts' manifests "
+                      "(triplet shards are always checked as they are read)")
   parser.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
                       help="override any config key (VALUE parsed as JSON, else a string); repeatable")
   parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -122,6 +125,10 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   del beam_args  # Not a Beam stage (the CLI refuses extra flags for it).
   config = config_from_args(args)
   train.validate_config(config)  # Before anything is written, read or compiled (devices are checked later).
+  if args.verify:
+    artifacts.verify_inputs(input_urls(config))  # Shards, world, images, checkpoint: each against its manifest.
+  else:
+    print("[train] WARNING: inputs not verified against their manifests (--no-verify)", flush=True)
   workdir = args.workdir.rstrip("/")
   ckpt_dir = train.checkpoint_directory(workdir, config["checkpoint_dir"])  # Refuses what orbax cannot write.
   print("[train] config:\n" + json.dumps(config, indent=2, sort_keys=True), flush=True)
