@@ -410,27 +410,53 @@ class WriteLock:
     self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
     info = {"host": socket.gethostname(), "pid": os.getpid(), "writer": self.writer_id,
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    for attempt in range(2):
+    for attempt in range(3):
       try:
         with self.fs.open(self.path, "xb") as f:
           f.write(json_bytes(info))
         self.held = True
         return
       except FileExistsError:
-        holder = self.holder()
-        stale = (holder is not None and holder.get("host") == info["host"]
-                 and not _pid_alive(int(holder.get("pid", -1))))
-        if attempt == 0 and (holder is None or stale):
-          self.log(f"reclaiming a stale lock {self.url} (held by {holder}; that process is gone)")
-          try:
-            self.fs.rm(self.path)
-          except FileNotFoundError:  # Its holder released it between our create and our read: just retry.
-            pass
-          continue
-        holder = holder or {}  # Unreadable again: report what there is.
+        holder = self._settled_holder()
+        stale = holder == {} or (holder is not None and holder.get("host") == info["host"]
+                                 and not _pid_alive(int(holder.get("pid", -1))))
+        if attempt < 2 and (holder is None or stale):
+          if stale:
+            self.log(f"reclaiming a stale lock {self.url} (held by {holder or 'an unreadable record'}; that "
+                     "process is gone)")
+            self._remove_stale()
+          continue  # None: its holder released it meanwhile.
+        holder = holder or {}
         raise LockedError(f"{self.url} is held by another writer (host {holder.get('host')}, pid "
                           f"{holder.get('pid')}, since {holder.get('started')}): one writer per output. Wait for "
                           "it, or delete the lock file if that writer is gone.") from None
+
+  def _settled_holder(self, wait: float = 2.0) -> dict[str, Any] | None:
+    """The lock's record; None if the lock is gone; {} if it stays unreadable for `wait` seconds (a writer killed
+    between creating the file and writing it: a live one writes its few bytes at once)."""
+    deadline = time.monotonic() + wait
+    while True:
+      if not self.fs.exists(self.path):
+        return None
+      record = self.holder()
+      if record is not None:
+        return record
+      if time.monotonic() > deadline:
+        return {}
+      time.sleep(0.05)
+
+  def _remove_stale(self) -> None:
+    """Remove a stale lock. Locally by an atomic rename first, so that of two writers reclaiming the same stale
+    lock only one removes it (the other's rename fails, and it then finds the winner's fresh lock)."""
+    try:
+      if is_local(self.fs):
+        aside = f"{self.path}.stale-{self.writer_id}"
+        os.rename(self.path, aside)
+        os.remove(aside)
+      else:
+        self.fs.rm(self.path)
+    except FileNotFoundError:
+      pass
 
   def holder(self) -> dict[str, Any] | None:
     """The lock file's record, or None when it is missing or unreadable (a writer killed while creating it)."""

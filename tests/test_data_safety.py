@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -207,3 +208,25 @@ def test_a_full_disk_inside_a_beam_worker_ends_in_one_line(run_dir, tmp_path, mo
   assert len(err) <= 3, err  # Beam's own logged tracebacks are not repeated at the user.
   assert err[-1].startswith("alignet triplets: error: [Errno 28] No space left on device") and "train-" in err[-1]
   assert not (tmp_path / "X").exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_lock_being_written_is_not_taken_for_stale(tmp_path):
+  """A lock file that exists but is still empty belongs to a writer between its create and its write: a second
+  writer must not remove it (only a record that stays unreadable is a dead writer's)."""
+  out = str(tmp_path / "a")
+  (tmp_path / ".a.lock").write_bytes(b"")
+  lock = artifacts.WriteLock(out, "second", log=lambda _: None)
+  threading.Timer(0.3, lambda: (tmp_path / ".a.lock").write_text(json.dumps(
+      {"host": "elsewhere", "pid": 1, "writer": "first", "started": "now"}))).start()
+  with pytest.raises(artifacts.LockedError, match="host elsewhere"):
+    lock.acquire()
+  assert json.loads((tmp_path / ".a.lock").read_text())["writer"] == "first"
+
+
+def test_an_empty_lock_left_by_a_writer_killed_mid_create_is_reclaimed(tmp_path):
+  (tmp_path / ".a.lock").write_bytes(b"")
+  logs = []
+  lock = artifacts.WriteLock(str(tmp_path / "a"), "second", log=logs.append)
+  lock.acquire()
+  assert lock.held and any("reclaiming" in m for m in logs)
+  lock.release()
