@@ -17,6 +17,7 @@ Safety rules (our product is trustworthy data):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -424,7 +425,7 @@ class WriteLock:
           if stale:
             self.log(f"reclaiming a stale lock {self.url} (held by {holder or 'an unreadable record'}; that "
                      "process is gone)")
-            self._remove_stale()
+            self._remove_stale(holder)
           continue  # None: its holder released it meanwhile.
         holder = holder or {}
         raise LockedError(f"{self.url} is held by another writer (host {holder.get('host')}, pid "
@@ -445,16 +446,25 @@ class WriteLock:
         return {}
       time.sleep(0.05)
 
-  def _remove_stale(self) -> None:
-    """Remove a stale lock. Locally by an atomic rename first, so that of two writers reclaiming the same stale
-    lock only one removes it (the other's rename fails, and it then finds the winner's fresh lock)."""
+  def _remove_stale(self, record: dict[str, Any]) -> None:
+    """Remove the stale lock whose record is `record`. Locally by an atomic rename aside first: if what was moved
+    is not that record (another reclaimer already replaced it with its own fresh lock), it is linked back. On
+    object stores a plain delete; a writer that lost its lock that way is stopped by the check at commit."""
     try:
-      if is_local(self.fs):
-        aside = f"{self.path}.stale-{self.writer_id}"
-        os.rename(self.path, aside)
-        os.remove(aside)
-      else:
+      if not is_local(self.fs):
         self.fs.rm(self.path)
+        return
+      aside = f"{self.path}.stale-{self.writer_id}"
+      os.rename(self.path, aside)
+      try:
+        with open(aside, "rb") as f:
+          moved = json.loads(f.read() or b"{}")
+      except ValueError:
+        moved = {}
+      if moved.get("writer") != record.get("writer"):
+        with contextlib.suppress(FileExistsError):
+          os.link(aside, self.path)  # Give the live writer its lock back (unless a third one has taken it).
+      os.remove(aside)
     except FileNotFoundError:
       pass
 

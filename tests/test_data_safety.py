@@ -230,3 +230,14 @@ def test_an_empty_lock_left_by_a_writer_killed_mid_create_is_reclaimed(tmp_path)
   lock.acquire()
   assert lock.held and any("reclaiming" in m for m in logs)
   lock.release()
+
+
+def test_two_reclaimers_of_one_stale_lock_cannot_remove_the_winners_fresh_lock(tmp_path):
+  """B judged the lock stale (a dead writer's record), but A reclaimed it first and holds a fresh one now: B's
+  removal must leave A's lock in place."""
+  fresh = {"host": "h", "pid": os.getpid(), "writer": "A", "started": "now"}
+  (tmp_path / ".a.lock").write_text(json.dumps(fresh))
+  late = artifacts.WriteLock(str(tmp_path / "a"), "B", log=lambda _: None)
+  late._remove_stale({"host": "h", "pid": 999999, "writer": "dead"})
+  assert json.loads((tmp_path / ".a.lock").read_text()) == fresh
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock"]
