@@ -351,7 +351,7 @@ def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> No
         owner = {}
       break
   if not isinstance(owner, dict) or not owner.get("stage"):
-    raise OwnershipError(f"{refuse} (it holds {len(found)} entries, e.g. {found[0]!r}).")
+    raise OwnershipError(f"{refuse} (it holds {_entries(len(found))}, e.g. {found[0]!r}).")
   if owner.get("stage") != stage:
     raise OwnershipError(f"--out {url} holds a {owner.get('stage')!r} artifact, not a {stage!r} one; refusing to "
                          "replace it (nothing was deleted). Choose another --out.")
@@ -359,8 +359,12 @@ def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> No
   files = sorted(posixpath.relpath(p, path) for p in fs.find(path))  # Folders only matter for what they hold.
   foreign = [n for n in files if n not in listed]
   if foreign and MANIFEST in found:
-    raise OwnershipError(f"--out {url} holds a {stage!r} artifact AND {len(foreign)} entries it does not list "
+    raise OwnershipError(f"--out {url} holds a {stage!r} artifact AND {_entries(len(foreign))} it does not list "
                          f"(e.g. {foreign[0]!r}); refusing to replace it (nothing was deleted). Move them away first.")
+
+
+def _entries(n: int) -> str:
+  return f"{n} entry" if n == 1 else f"{n} entries"
 
 
 def missing_ancestor(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
