@@ -3,9 +3,10 @@
 An artifact is a directory (any fsspec URL: a local folder, ``gs://...``, ``memory://...``) holding data files,
 ``report.json`` (the stage's headline numbers) and ``manifest.json`` (schema version, stage, config, code
 version, input digests, row counts, per-file sha256, created time). The manifest is written LAST: an artifact
-without one is incomplete and never read. A stage writes into ``<parent>/.<name>.incomplete`` and moves it into
-place only when complete (a directory rename on local disks; on object stores, files first and the manifest
-last). A rerun whose manifest matches the stage, config, input digests and code version is skipped.
+without one is incomplete and never read. A stage writes into its own staging folder
+``<parent>/.<name>.incomplete-<writer id>`` and moves it into place only when complete (a directory rename on local
+disks; on object stores, files first and the manifest last). A rerun whose manifest matches the stage, config,
+input digests and code version is skipped.
 
 Safety rules (our product is trustworthy data):
 - ownership: a stage writes ``out`` only if it does not exist, is empty, or holds a (complete or interrupted)
@@ -317,7 +318,7 @@ def overlap(a: str, b: str) -> str | None:
 
 
 def input_locations(input_urls: Mapping[str, str]) -> dict[str, str]:
-  """The input URLs that name a location (image-source specs like `demo:URL:pool` give their URL)."""
+  """The inputs that are set (a stage's `input_urls` may leave an optional one empty)."""
   return {name: url for name, url in input_urls.items() if url}
 
 
@@ -337,7 +338,8 @@ def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> No
     return
   if not fs.isdir(path):
     raise OwnershipError(f"--out {url} is a file, not an artifact folder; nothing was written.")
-  found = sorted(n for n in (posixpath.relpath(p, path) for p in fs.find(path, withdirs=True)) if n != ".")
+  listing = {posixpath.relpath(p, path): info for p, info in fs.find(path, withdirs=True, detail=True).items()}
+  found = sorted(n for n in listing if n != ".")
   if not found:
     return
   refuse = (f"--out {url} is not empty and is not a {stage!r} artifact; refusing to replace it (nothing was "
@@ -356,8 +358,8 @@ def check_output(url: str, stage: str, input_urls: Mapping[str, str] = ()) -> No
     raise OwnershipError(f"--out {url} holds a {owner.get('stage')!r} artifact, not a {stage!r} one; refusing to "
                          "replace it (nothing was deleted). Choose another --out.")
   listed = set(owner.get("files", {})) | {MANIFEST, INCOMPLETE_MARKER}
-  files = sorted(posixpath.relpath(p, path) for p in fs.find(path))  # Folders only matter for what they hold.
-  foreign = [n for n in files if n not in listed]
+  # Folders only matter for what they hold.
+  foreign = [n for n in found if listing[n].get("type") != "directory" and n not in listed]
   if foreign and MANIFEST in found:
     raise OwnershipError(f"--out {url} holds a {stage!r} artifact AND {_entries(len(foreign))} it does not list "
                          f"(e.g. {foreign[0]!r}); refusing to replace it (nothing was deleted). Move them away first.")

@@ -115,13 +115,11 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
   staging = posixpath.join(parent, f".{version}.incomplete-{writer_id}")
   try:
     done = _already(fs, root, dest, src, if_exists, log)  # Another publisher may have finished meanwhile.
-    if done is not None:
-      lock.release()
-      return done
-    _clear_debris(fs, parent, root, version, dest, log)
-    manifest = _assemble(src, fs, staging, name, version, dest, card)
-    lock.check()
-    _move_into_place(fs, staging, root, manifest)
+    if done is None:
+      _clear_debris(fs, parent, root, version, dest, log)
+      manifest = _assemble(src, fs, staging, name, version, dest, card)
+      lock.check()
+      _move_into_place(fs, staging, root, manifest)
   except BaseException:
     if fs.exists(staging):
       fs.rm(staging, recursive=True)
@@ -129,6 +127,8 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
     artifacts.remove_if_empty(fs, created)
     raise
   lock.release()
+  if done is not None:
+    return done
   log(f"[publish] published {len(manifest['files'])} files to {dest}")
   return _result(dest, manifest, src, already=False)
 
@@ -189,7 +189,7 @@ def _assemble(src: artifacts.Artifact, fs, staging: str, name: str, version: str
 def _move_into_place(fs, staging: str, root: str, manifest: dict[str, Any]) -> None:
   """Local: the manifest into the staging folder, then one atomic rename. Object stores (no rename): mark the
   version as an interrupted commit, copy the files, write the manifest (the commit point), unmark."""
-  body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+  body = artifacts.json_bytes(manifest)
   if artifacts.is_local(fs):
     _write(fs, posixpath.join(staging, artifacts.MANIFEST), body)
     os.rename(staging, root)  # Fails rather than replace if a version appeared (it cannot: we hold the lock).

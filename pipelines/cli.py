@@ -91,14 +91,18 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _user_error(e: BaseException) -> str | None:
-  """The one-line message of an input/environment error, looking through Beam's wrapping; None for a bug."""
-  seen = e
+  """The one-line message of an input/environment error, looking through Beam's wrapping; None for a bug.
+
+  Causes (`raise ... from`) are followed always; the exception being handled (`__context__`) only out of Beam's
+  RuntimeError wrapper, so that a bug raised while handling a user error still counts as a bug.
+  """
+  seen: BaseException | None = e
   while seen is not None:
     if isinstance(seen, _USER_ERRORS):
       if isinstance(seen, KeyError) and seen.args:
         return str(seen.args[0])
       return str(seen) or type(seen).__name__
-    seen = seen.__cause__ or seen.__context__
+    seen = seen.__cause__ or (seen.__context__ if isinstance(seen, RuntimeError) else None)
   if isinstance(e, RuntimeError):  # Beam relays a worker's exception as text: "OSError: ... [while running 'X']".
     match = _RELAYED.search(str(e).strip())
     if match and match.group(1) in _relayable_names():
@@ -107,14 +111,14 @@ def _user_error(e: BaseException) -> str | None:
 
 
 def _relayable_names() -> set[str]:
-  names = {"ValueError", "OSError", "KeyError", "EOFError", "BadZipFile", "InputError", "OwnershipError",
-           "LockedError", "ChecksumError", "IncompleteArtifactError", "PublishError"}
-  for base in (OSError, ValueError):
-    stack = [base]
-    while stack:
-      cls = stack.pop()
-      names.add(cls.__name__)
-      stack.extend(cls.__subclasses__())
+  """Names of the user-error classes (and their subclasses); ours are listed too, for a worker process whose
+  modules this process never imported."""
+  names = {"InputError", "OwnershipError", "LockedError", "ChecksumError", "IncompleteArtifactError", "PublishError"}
+  stack = list(_USER_ERRORS)
+  while stack:
+    cls = stack.pop()
+    names.add(cls.__name__)
+    stack.extend(cls.__subclasses__())
   return names
 
 

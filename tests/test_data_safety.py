@@ -166,20 +166,25 @@ def test_an_unknown_flag_of_a_beam_stage_is_an_error_naming_it(run_dir, tmp_path
   assert code == 1 and "--bogus-flag" in capsys.readouterr().err and not (tmp_path / "X").exists()
 
 
-def test_a_worker_error_relayed_by_beam_ends_in_one_line():
+def test_a_worker_error_relayed_by_beam_ends_in_one_line_and_a_bug_stays_a_bug():
   oserror = OSError(28, "No space left on device", "/data/out/shard-0.parquet")
-  try:
+
+  def raised(outer, inner):
     try:
-      raise oserror
-    except OSError:
-      raise RuntimeError(f"OSError: {oserror} [while running 'Write']") from None
-  except RuntimeError as e:
-    wrapped_in_process = e
+      try:
+        raise inner
+      except type(inner):
+        raise outer  # noqa: B904 (as Beam's in-process runner does: the worker's error is the context)
+    except BaseException as e:  # noqa: BLE001
+      return e
+
+  in_process = raised(RuntimeError(f"OSError: {oserror} [while running 'Write']"), oserror)
   relayed = RuntimeError("Pipeline failed.\nTraceback ...\nOSError: [Errno 28] No space left on device: "
                          "'/data/out/x' [while running 'SampleLabelWrite']")
-  assert "No space left on device" in cli._user_error(wrapped_in_process.__context__ or wrapped_in_process)
+  assert cli._user_error(in_process) == str(oserror)
   assert cli._user_error(relayed) == "[Errno 28] No space left on device: '/data/out/x'"
   assert cli._user_error(RuntimeError("IndexError: list index out of range")) is None  # A bug: traceback, exit 2.
+  assert cli._user_error(raised(IndexError("bug in a handler"), oserror)) is None
 
 
 def test_an_internal_error_prints_its_traceback_and_exits_2(monkeypatch, tmp_path, capsys):
