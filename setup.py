@@ -33,7 +33,7 @@ setuptools.setup(
         "grain>=0.2.18",
         "protobuf>=6.33,<7",
         "google-crc32c",
-        "numba>=0.68,<0.69",  # compiled hot loops (labelling, TFRecord encoding) in alignet_data/kernels.py
+        "numba>=0.68,<0.69",  # compiled hot loops (labelling, TFRecord encoding) in alignet_data/dataset/kernels.py
         "scipy",
         "tqdm",
         "pillow",

@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alignet_data import artifacts, image_sources, models  # noqa: E402
+from alignet_data import artifacts, models  # noqa: E402
+from alignet_data.teacher import image_sources
 from pipelines import embed_pipeline  # noqa: E402
 
 

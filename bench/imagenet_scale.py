@@ -45,7 +45,8 @@ def make_inputs(out: str, n: int, d: int, classes: int, seed: int, ids_per_shard
   k-means has real clusters to find. Written shard by shard: memory stays at one shard, not the whole matrix.
   """
   sys.path.insert(0, ROOT)
-  from alignet_data import artifacts, embeddings
+  from alignet_data import artifacts
+  from alignet_data.teacher import embeddings
   rng = np.random.default_rng(seed)
   centers = rng.standard_normal((classes, d), dtype=np.float32) / np.float32(np.sqrt(d))
   count = embeddings.num_shards(n, ids_per_shard)

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import alignment, artifacts, numeric_files, object_features, things
+from alignet_data import artifacts, numeric_files
 from alignet_data.checks import InputError, require_finite
+from alignet_data.human import things
+from alignet_data.teacher import alignment, object_features
 from pipelines import stages
 
 STAGE = "align"
@@ -97,7 +99,7 @@ def load_features(url: str, split: str = "things", unique_ids: str | None = None
       raise InputError(f"{url}: features must be a numeric (n_objects, dim) matrix, got shape {x.shape}, "
                        f"dtype {x.dtype}.")
   else:
-    from alignet_data import embeddings
+    from alignet_data.teacher import embeddings
     art = artifacts.load(url, stage="embed")
     emb = embeddings.load(art, split)
     if len(emb) == 0:

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, checks, clustering, embeddings
-from alignet_data.transform import Transform
+from alignet_data import artifacts, checks
+from alignet_data.dataset import clustering
+from alignet_data.teacher import embeddings
+from alignet_data.teacher.transform import Transform
 from pipelines import stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run"]

@@ -29,8 +29,9 @@ import numpy as np
 from apache_beam.ml.inference import base as inference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from alignet_data import artifacts, embeddings, image_sources
+from alignet_data import artifacts
 from alignet_data.checks import InputError, check_name
+from alignet_data.teacher import embeddings, image_sources
 
 __all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_from_args", "default_config",
            "input_urls", "parse_source_flags", "run"]
@@ -46,7 +47,7 @@ _NAMED_SOURCE = re.compile(r"^(?P<name>[^:=]*)=(?P<spec>.+)$")  # NAME=SPEC: no 
 def default_config() -> dict[str, Any]:
   return {
       "model": "demo-teacher",   # models.load_model spec: "demo-teacher" or "<config-name>:<checkpoint URL>".
-      "sources": {},             # split name -> source spec (alignet_data.image_sources), e.g. {"train": "tfds:..."}.
+      "sources": {},             # split name -> source spec (teacher.image_sources), e.g. {"train": "tfds:..."}.
       "batch_size": 64,          # Images per model call; the last block of a range is padded to it (one shape).
       "dtype": "float32",        # Storage dtype of the vectors: float32 | float16.
       "rows_per_shard": 4096,    # Ids per Parquet shard: shard i holds ids [i * n, (i + 1) * n).

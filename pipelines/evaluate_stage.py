@@ -7,7 +7,7 @@ What can be evaluated (config["models"]: name -> spec; the first model is the re
   "train:<train artifact URL>"                       the fine-tuned student of a train artifact (student.json);
   "train:{train}"                                    the same, with the URL from config["train"] (the chain's
                                                      link); such models are skipped while config["train"] is "";
-  "savedmodel:<dir>"                                 a released AligNet TF SavedModel (`alignet_data.savedmodel`);
+  "savedmodel:<dir>"                                 a released AligNet TF SavedModel (`evaluation.savedmodel`);
   "embeddings:<embed artifact URL>"                  precomputed vectors: split config["things_split"] for THINGS,
                                                      "pool" for the demo world's Levels, config["levels_split"]
                                                      for released Levels / RSA stimuli (matched by file name);
@@ -22,10 +22,10 @@ when a model cannot provide the vectors it needs):
            human to model pair probabilities and their Pearson/Spearman correlation.
   Levels   per level: accuracy vs the 5-response majority (no-majority triplets excluded, counted), the human
            leave-one-out noise ceiling, Spearman of model entropy vs mean log RT (RT > max_rt dropped); from
-           released Levels CSVs (config["levels"], `alignet_data.levels`) or the demo world.
+           released Levels CSVs (config["levels"], `alignet_data.evaluation.levels`) or the demo world.
   RSA      config["rsa"]: [{"name", "matrix", "stimuli", "kind": "rsm"|"rdm"}]: Pearson-kernel and cosine RSMs vs
-           the human matrix (Spearman and Pearson over the upper triangle), `alignet_data.rsa`.
-  Probe    1- and 10-shot linear probes (`alignet_data.probing`) on the demo world's pool (basic-category
+           the human matrix (Spearman and Pearson over the upper triangle), `alignet_data.evaluation.rsa`.
+  Probe    1- and 10-shot linear probes (`alignet_data.evaluation.probing`) on the demo world's pool (basic-category
            labels) or on config["probe"]["split"] of embeddings artifacts; Wald CIs.
   Hierarchy  z-scored change of pairwise distances per relation (same subordinate / basic / superordinate /
            different superordinate) between config["hierarchy"]["base"] and ["aligned"] (demo world tree), and
@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, checks, evaluation, numeric_files, triplet_math
+from alignet_data import artifacts, checks, numeric_files, triplet_math
 from alignet_data.checks import InputError, require_finite
+from alignet_data.evaluation import metrics
 
 STAGE = "evaluate"
 TRAIN_PREFIX = "train:"
@@ -237,7 +238,7 @@ def load_model(spec: str) -> Any:
     from trainer import train
     return train.load_student(spec[len(TRAIN_PREFIX):])
   if spec.startswith(SAVEDMODEL_PREFIX):
-    from alignet_data import savedmodel
+    from alignet_data.evaluation import savedmodel
     return savedmodel.load(spec[len(SAVEDMODEL_PREFIX):])
   from alignet_data import models
   return models.load_model(spec)
@@ -272,7 +273,7 @@ def _embed_preprocessed(model: Any, x: np.ndarray) -> np.ndarray:
 def embed_files(model: Any, urls: Sequence[str], batch_size: int, bar: Any = None) -> np.ndarray:
   """Image files of any size -> (n, dim): each is decoded and preprocessed on its own (the model's resize and
   value range), then embedded in fixed-size batches."""
-  from alignet_data import image_sources
+  from alignet_data.teacher import image_sources
   out = []
   for start in range(0, len(urls), batch_size):
     chunk = []
@@ -294,7 +295,7 @@ def embed_files(model: Any, urls: Sequence[str], batch_size: int, bar: Any = Non
 
 
 def _key(name: str) -> str:
-  from alignet_data import levels
+  from alignet_data.evaluation import levels
   return levels.image_key(name)
 
 
@@ -303,7 +304,7 @@ class Subject:
   images of an embeddings split, or a labelled split; caches what it computes."""
 
   def __init__(self, name: str, spec: str | dict[str, Any], config: dict[str, Any], world: Any, bar: Any):
-    from alignet_data.transform import Transform
+    from alignet_data.teacher.transform import Transform
     self.name, self.spec, self.world, self.bar = name, spec, world, bar
     model, transform = _split_spec(spec)
     self.transform = Transform.load(transform) if transform else None
@@ -330,7 +331,7 @@ class Subject:
         require_finite(self.matrix, f"Embeddings {url}")  # NaN would score as a hit.
         self.kind, self.dim = "npy", int(self.matrix.shape[1])
       else:
-        from alignet_data import embeddings
+        from alignet_data.teacher import embeddings
         self.artifact = artifacts.load(url, stage="embed")
         info = embeddings.info(self.artifact)
         self.kind, self.dim = "embeddings", int(next(iter(info["splits"].values()))["dim"])
@@ -352,7 +353,7 @@ class Subject:
     return require_finite(self.transform.apply(x), f"{self.name}: vectors after its transform")
 
   def _split(self, split: str) -> Any:
-    from alignet_data import embeddings
+    from alignet_data.teacher import embeddings
     if ("split", split) not in self._cache:
       try:
         self._cache[("split", split)] = embeddings.load(self.artifact, split)
@@ -509,7 +510,7 @@ def _try(skipped: list[str], what: str, fn: Any) -> Any:
 
 
 def _things(config, world, subjects, boot, report, keep, skipped) -> None:
-  from alignet_data import things
+  from alignet_data.human import things
   # Soft labels from a `human` artifact come with their own (test) triplets.
   human_art = artifacts.try_load(config["things_soft_labels"]) if config.get("things_soft_labels") else None
   human = things.read_soft_labels(human_art.url) if human_art is not None else None  # Checked: finite p*.
@@ -545,11 +546,11 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
     if x is None:
       continue
     sims = triplet_math.triplet_similarities(np.asarray(x, np.float64), triplets)
-    row = evaluation.things_accuracy(sims, **boot)
-    correct = evaluation.odd_one_out_correct(sims, 2)
-    row["wald_ci"] = evaluation.wald_ci(row["accuracy"], row["n"])
+    row = metrics.things_accuracy(sims, **boot)
+    correct = metrics.odd_one_out_correct(sims, 2)
+    row["wald_ci"] = metrics.wald_ci(row["accuracy"], row["n"])
     if soft is not None:
-      row["soft"] = evaluation.things_soft(sims, soft, tau=float(config["things_tau"]), **boot)
+      row["soft"] = metrics.things_soft(sims, soft, tau=float(config["things_tau"]), **boot)
     per_model[name] = row
     keep["correct"].setdefault("things", {})[name] = correct
   if per_model:
@@ -561,7 +562,7 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
 def _levels(config, world, subjects, boot, report, keep, skipped) -> None:
   max_rt = float(config["max_rt"])
   if _levels_urls(config):
-    from alignet_data import levels as levels_lib
+    from alignet_data.evaluation import levels as levels_lib
     data = levels_lib.load(_levels_urls(config))
     choices, level, rt = data.choices, data.level, data.rt
     names, local = np.unique(data.images, return_inverse=True)
@@ -575,28 +576,28 @@ def _levels(config, world, subjects, boot, report, keep, skipped) -> None:
     get = lambda s: s.pool()[ids]
   else:
     return
-  human = evaluation.levels_human(choices, level, rt, max_rt=max_rt, **boot)
+  human = metrics.levels_human(choices, level, rt, max_rt=max_rt, **boot)
   out: dict[str, Any] = {}
-  majority = evaluation.majority_vote(choices)
-  log_rt = evaluation.mean_log_rt(rt, max_rt)
+  majority = metrics.majority_vote(choices)
+  log_rt = metrics.mean_log_rt(rt, max_rt)
   for name, s in subjects.items():
     x = _try(skipped, f"levels/{name}", lambda s=s: get(s))
     if x is None:
       continue
     sims = triplet_math.triplet_similarities(np.asarray(x, np.float64), local)
-    out[name] = evaluation.levels_model(sims, choices, level, rt, entropy_tau=float(config["entropy_tau"]),
+    out[name] = metrics.levels_model(sims, choices, level, rt, entropy_tau=float(config["entropy_tau"]),
                                         max_rt=max_rt, **boot)
-    correct = evaluation.odd_one_out_correct(sims, majority)
+    correct = metrics.odd_one_out_correct(sims, majority)
     correct[majority < 0] = np.nan
-    for lv in evaluation._levels_present(np.asarray(level)):
+    for lv in metrics._levels_present(np.asarray(level)):
       keep["correct"].setdefault(f"levels/{lv}", {})[name] = np.where(np.asarray(level) == lv, correct, np.nan)
-    keep["rt"][name] = {"entropy": evaluation.model_entropy(sims, float(config["entropy_tau"])), "log_rt": log_rt,
+    keep["rt"][name] = {"entropy": metrics.model_entropy(sims, float(config["entropy_tau"])), "log_rt": log_rt,
                         "level": np.asarray(level)}
   if not out:
     return
   report["levels"] = out  # levels[model][level] = {accuracy, ci, n, n_no_majority, entropy_rt_spearman}
   report["human"] = human  # human[level] = {noise_ceiling: {value, ci, n}, n_triplets, n_no_majority, mean_log_rt}
-  report["accuracy"] = {name: evaluation.flat_accuracies(r) for name, r in out.items()}
+  report["accuracy"] = {name: metrics.flat_accuracies(r) for name, r in out.items()}
   report["noise_ceiling"] = {lv: row["noise_ceiling"]["value"] for lv, row in human.items()}
   report["entropy_rt_spearman"] = {name: {lv: row["entropy_rt_spearman"]["value"] for lv, row in r.items()
                                           if "entropy_rt_spearman" in row} for name, r in out.items()}
@@ -605,7 +606,7 @@ def _levels(config, world, subjects, boot, report, keep, skipped) -> None:
 
 
 def _rsa(config, subjects, boot, report, skipped) -> None:
-  from alignet_data import rsa
+  from alignet_data.evaluation import rsa
   out: dict[str, Any] = {}
   for entry in config.get("rsa") or []:
     human = rsa.load_human(entry["matrix"], entry["stimuli"], entry.get("kind", "rsm"))
@@ -622,7 +623,7 @@ def _rsa(config, subjects, boot, report, skipped) -> None:
 
 
 def _probe(config, world, subjects, report, keep, skipped) -> None:
-  from alignet_data import probing
+  from alignet_data.evaluation import probing
   cfg = {**default_config()["probe"], **(config.get("probe") or {})}
   if not cfg["shots"] or (world is None and not cfg["split"]):
     return
@@ -642,7 +643,7 @@ def _probe(config, world, subjects, report, keep, skipped) -> None:
 
 
 def _hierarchy(config, world, subjects, boot, report, skipped) -> dict[str, Any] | None:
-  from alignet_data import representation
+  from alignet_data.evaluation import representation
   cfg = {**default_config()["hierarchy"], **(config.get("hierarchy") or {})}
   if world is None or cfg["base"] not in subjects or cfg["aligned"] not in subjects:
     return None
@@ -677,7 +678,7 @@ def _comparisons(primary: str, keep: dict[str, Any], boot: dict[str, Any]) -> di
       continue
     for name, values in by_model.items():
       if name != primary:
-        out.setdefault(f"{name}_vs_{primary}", {})[task] = evaluation.paired_comparison(
+        out.setdefault(f"{name}_vs_{primary}", {})[task] = metrics.paired_comparison(
             values, by_model[primary], **boot)
   return out
 
@@ -711,7 +712,7 @@ def markdown(report: dict[str, Any]) -> str:
       lines.append(f"| {name} | {_fmt(r)} | {r['n']} | {extra} |")
     lines.append("")
   if "levels" in report:
-    levels = [lv for lv in evaluation.LEVELS if lv in report["noise_ceiling"]]
+    levels = [lv for lv in metrics.LEVELS if lv in report["noise_ceiling"]]
     lines += ["## Levels", "", "Odd-one-out accuracy against the majority of the responses [95% CI] (n triplets "
               "with a majority).", "", "| model | " + " | ".join(levels) + " |", "|" + " --- |" * (len(levels) + 1)]
     for name, r in report["levels"].items():
@@ -785,7 +786,7 @@ def _save(fig: Any, fileobj: Any) -> None:
 def plot_levels(report: dict[str, Any], fileobj: Any) -> None:
   """Grouped bars: per level, one bar per model with its 95% CI; the human noise ceiling as a dashed line."""
   plt = _pyplot()
-  levels = [lv for lv in evaluation.LEVELS if lv in report["noise_ceiling"]]
+  levels = [lv for lv in metrics.LEVELS if lv in report["noise_ceiling"]]
   names = list(report["levels"])
   width = 0.8 / max(len(names), 1)
   fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -812,12 +813,12 @@ def plot_entropy_rt(data: dict[str, dict[str, np.ndarray]], fileobj: Any) -> Non
   """One panel per level: model entropy vs the triplet's mean log RT, one colour per model, with Spearman rho."""
   plt = _pyplot()
   first = next(iter(data.values()))
-  levels = evaluation._levels_present(first["level"])
+  levels = metrics._levels_present(first["level"])
   fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.2), dpi=100, squeeze=False)
   for ax, lv in zip(axes[0], levels, strict=True):
     for i, (name, d) in enumerate(data.items()):
       sel = (d["level"] == lv) & np.isfinite(d["log_rt"])
-      rho = evaluation.spearman(d["entropy"][sel], d["log_rt"][sel])
+      rho = metrics.spearman(d["entropy"][sel], d["log_rt"][sel])
       ax.scatter(d["entropy"][sel], d["log_rt"][sel], s=6, alpha=0.5, color=f"C{i}",
                  label=f"{name} (rho={rho:.2f})")
     ax.set_title(lv)

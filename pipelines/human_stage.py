@@ -1,7 +1,7 @@
 """Stage `human`: fit a model of human odd-one-out choices and write the soft labels p* the align stage distils.
 
 Inputs: a demo world artifact (`world`, its THINGS-like `things_train`/`things_test`), or triplet files
-(`train`, `test`; THINGS convention, see `alignet_data.things`; `sortindex` + `upload_order` convert files in the
+(`train`, `test`; THINGS convention, see `alignet_data.human.things`; `sortindex` + `upload_order` convert files in the
 original upload order). Every training triplet whose object set occurs in the test set is dropped first.
 Models: `vice` (default; the Bayesian model whose posterior predictive gives p*), `spose` (its non-Bayesian
 baseline, trained by the same loop), or a fixed `embedding` (e.g. the published SPoSE) with a fitted softmax
@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, spose, things, vice
+from alignet_data import artifacts
+from alignet_data.human import spose, things, vice
 from pipelines import stages
 
 STAGE = "human"

@@ -14,7 +14,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from alignet_data import artifacts, publishing
+from alignet_data import artifacts
+from alignet_data.dataset import publishing
 from pipelines import stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "command"]

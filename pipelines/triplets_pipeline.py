@@ -31,9 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts, clustering, embeddings, labelling, sampling, shards
+from alignet_data import artifacts
 from alignet_data.checks import check_name
-from alignet_data.transform import Transform
+from alignet_data.dataset import clustering, labelling, sampling, shards
+from alignet_data.teacher import embeddings
+from alignet_data.teacher.transform import Transform
 from pipelines import stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "SampleTriplets"]

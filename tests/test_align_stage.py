@@ -4,13 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from alignet_data import alignment, artifacts, object_features, things, triplet_math
-from alignet_data.transform import Transform, apply_to_embeddings
+from alignet_data import artifacts, triplet_math
+from alignet_data.human import things
+from alignet_data.teacher import alignment, object_features
+from alignet_data.teacher.transform import Transform, apply_to_embeddings
 from pipelines import align_stage, cli
 
 
 def _embed_artifact(url: str, ids, names, vectors, split: str = "things") -> str:
-  from alignet_data import embeddings
+  from alignet_data.teacher import embeddings
 
   def write(w):
     entry = embeddings.write_split(w, split, np.asarray(ids), np.zeros(len(ids)), list(names), vectors,

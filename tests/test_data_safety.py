@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, embeddings
+from alignet_data import artifacts
+from alignet_data.teacher import embeddings
 from pipelines import cli
 
 N, D = 120, 8
@@ -200,7 +201,7 @@ def test_a_full_disk_inside_a_beam_worker_ends_in_one_line(run_dir, tmp_path, mo
   """The shard writer runs inside Beam's DoFn; its OSError reaches the user as one line, not 137."""
   import errno
 
-  from alignet_data import shards
+  from alignet_data.dataset import shards
 
   def full(url, record):
     raise OSError(errno.ENOSPC, "No space left on device", url)

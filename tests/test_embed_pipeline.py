@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignet_data import artifacts, demo_world, embeddings, image_sources, models, preprocessing
+from alignet_data import artifacts, demo_world, models
+from alignet_data.models import preprocessing
+from alignet_data.teacher import embeddings, image_sources
 from pipelines import embed_pipeline, world_stage
 
 SMALL_WORLD = dict(n_super=2, n_basic_per_super=2, n_sub_per_basic=2, images_per_class=12, things_train=30,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from conftest import tiny_world
 
-from alignet_data import artifacts, demo_world, embeddings, evaluation, levels, rsa, triplet_math
+from alignet_data import artifacts, demo_world, triplet_math
+from alignet_data.evaluation import levels, metrics, rsa
+from alignet_data.teacher import embeddings
 from pipelines import evaluate_stage
 
 
@@ -72,10 +74,10 @@ def test_embeddings_artifact_released_levels_rsa_probe_and_transform(world_url, 
   assert on_world["levels"]["emb"]["coarse"]["accuracy"] > 0.5  # semantic vectors agree with the simulated humans
   # The transform is applied: emb4's figures are those of the first 4 dimensions, computed here by hand.
   trip = world.levels_triplets
-  majority = evaluation.majority_vote(world.levels_choices)
+  majority = metrics.majority_vote(world.levels_choices)
   sel = (world.levels_level == "coarse") & (majority >= 0)
   sims = triplet_math.triplet_similarities(semantic[:, :4].astype(np.float32).astype(np.float64), trip[sel])
-  hand = evaluation.odd_one_out_correct(sims, majority[sel]).mean()
+  hand = metrics.odd_one_out_correct(sims, majority[sel]).mean()
   assert released["levels"]["emb4"]["coarse"]["accuracy"] == pytest.approx(hand)
   assert released["models"]["emb4"]["dim"] == dim  # the model's own dimension; the transform maps it to 4
   # RSA: the semantic vectors correlate with the humans' RSM; every kernel and measure is reported with a CI.

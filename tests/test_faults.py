@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, embeddings
+from alignet_data import artifacts
+from alignet_data.teacher import embeddings
 from pipelines import cli
 
 pytestmark = pytest.mark.slow

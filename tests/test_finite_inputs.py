@@ -7,9 +7,12 @@ must end in exit 1 with a one-line message naming the file, and write no artifac
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, clustering, embeddings, evaluation, triplet_math
+from alignet_data import artifacts, triplet_math
 from alignet_data.checks import InputError
-from alignet_data.transform import Transform
+from alignet_data.dataset import clustering
+from alignet_data.evaluation import metrics
+from alignet_data.teacher import embeddings
+from alignet_data.teacher.transform import Transform
 from pipelines import cli
 
 N_OBJECTS, DIM = 12, 4
@@ -68,13 +71,13 @@ def test_one_nan_row_in_good_embeddings_is_not_a_hit():
   x[1] = x[2] = 1.0  # Items 1 and 2 alike, 0 far away: the model's odd one out is 0, a miss ...
   x[0] = -1.0
   sims = triplet_math.triplet_similarities(x, triplets)
-  assert evaluation.odd_one_out_correct(sims, 2)[0] == 0.0
+  assert metrics.odd_one_out_correct(sims, 2)[0] == 0.0
   x[0] = np.nan  # ... and stays a miss when row 0 is NaN (argmax over [NaN, NaN, s12] picked pair 01: a "hit").
   sims = triplet_math.triplet_similarities(x, triplets)
-  assert evaluation.odd_one_out_correct(sims, 2)[0] == 0.0
-  assert evaluation.things_accuracy(sims[:1], n_resamples=5)["accuracy"] == 0.0
+  assert metrics.odd_one_out_correct(sims, 2)[0] == 0.0
+  assert metrics.things_accuracy(sims[:1], n_resamples=5)["accuracy"] == 0.0
   # A model with no answer never matches "no majority" (-1) either.
-  assert evaluation.odd_one_out_correct(np.full((1, 3), np.nan), np.array([-1]))[0] == 0.0
+  assert metrics.odd_one_out_correct(np.full((1, 3), np.nan), np.array([-1]))[0] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -221,7 +224,7 @@ def test_load_matrix_refuses_nan_and_caches_nothing(tmp_path):
 
 
 def test_a_label_check_on_nan_says_so():
-  from alignet_data import labelling
+  from alignet_data.dataset import labelling
   s = np.array([[3.0, 2.0, 1.0], [np.nan, 1.0, 0.0]], np.float32)
   with pytest.raises(ValueError, match="row 1 has non-finite"):
     labelling.check_labels(s, np.full((2, 3), 1 / 3), np.zeros(2))

@@ -25,7 +25,9 @@ import time
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, embeddings, publishing
+from alignet_data import artifacts
+from alignet_data.dataset import publishing
+from alignet_data.teacher import embeddings
 
 BUCKET = "alignet-test"
 START_TIMEOUT_S = 60
@@ -240,7 +242,7 @@ def _source(url, files=6, size=200_000):
 # creates the flag file and sleeps, to be killed) or held until a start file exists (to race another one).
 _PUBLISHER = textwrap.dedent('''
   import os, sys, time
-  from alignet_data import publishing
+  from alignet_data.dataset import publishing
   from pipelines import cli
   argv, stop, flag, start = sys.argv[1:-3], sys.argv[-3], sys.argv[-2], sys.argv[-1]
 
@@ -488,7 +490,8 @@ def test_train_workdir_on_gcs_writes_resumes_and_loads(gs, tmp_path):
   restore does work, but the trainer's checkpoints fail inside tensorstore's OCDBT writer ("Malformed
   StorageGeneration" writing manifest.ocdbt), an emulator limitation not chased further here.
   """
-  from alignet_data import models, shards, triplet_math
+  from alignet_data import models, triplet_math
+  from alignet_data.dataset import shards
   from trainer import input_pipeline, train
   per_class, size, classes = 8, 16, 4
   labels = np.repeat(np.arange(classes), per_class)

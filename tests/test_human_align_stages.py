@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from alignet_data import artifacts, demo_world
-from alignet_data.transform import Transform
+from alignet_data.teacher.transform import Transform
 from pipelines import align_stage, human_stage
 
 SMALL_WORLD = demo_world.WorldConfig(n_super=3, n_basic_per_super=2, n_sub_per_basic=5, images_per_class=5,
@@ -147,7 +147,7 @@ def test_align_stage_on_files_needs_hard_loss(world_url, tmp_path):
 
 
 def _embed_artifact(url: str, ids: np.ndarray, vectors: np.ndarray, num_ids: int) -> str:
-  from alignet_data import embeddings
+  from alignet_data.teacher import embeddings
 
   def write(w):
     entry = embeddings.write_split(w, "things", ids, np.zeros(len(ids)), [f"{i}.png" for i in ids], vectors,

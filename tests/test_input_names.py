@@ -3,7 +3,8 @@ tags and split, and `embed --source NAME=SPEC` are checked by `checks.check_name
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, embeddings
+from alignet_data import artifacts
+from alignet_data.teacher import embeddings
 from pipelines import cli
 from pipelines import triplets_pipeline as tp
 

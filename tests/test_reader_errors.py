@@ -6,9 +6,11 @@ import io
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, checks, embeddings, models, numeric_files, things
+from alignet_data import artifacts, checks, models, numeric_files
 from alignet_data.checks import InputError
-from alignet_data.transform import Transform
+from alignet_data.human import things
+from alignet_data.teacher import embeddings
+from alignet_data.teacher.transform import Transform
 from pipelines import cli
 
 

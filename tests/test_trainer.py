@@ -13,8 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from alignet_data import artifacts, models, shards, triplet_math
+from alignet_data import artifacts, models, triplet_math
 from alignet_data.checks import InputError
+from alignet_data.dataset import shards
 from trainer import input_pipeline, losses, train
 
 N_CLASSES, PER_CLASS, SIZE = 6, 10, 16

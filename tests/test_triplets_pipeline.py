@@ -4,7 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, clustering, embeddings, publishing, shards, triplet_math
+from alignet_data import artifacts, triplet_math
+from alignet_data.dataset import clustering, publishing, shards
+from alignet_data.teacher import embeddings
 from pipelines import cluster_stage, publish_stage
 from pipelines import triplets_pipeline as tp
 

@@ -18,9 +18,11 @@ import struct
 import time
 from collections.abc import Mapping
 
-from alignet_data import artifacts, shards
+from alignet_data import artifacts
 
 # Rewrites of a file on an object store are a round trip each: at most one per this many seconds, unless forced.
+from alignet_data.dataset import shards
+
 REMOTE_FLUSH_SECONDS = 10.0
 
 _SERIAL = itertools.count()  # Two writers of one process in one second must not share a file name.

@@ -96,7 +96,7 @@ class FileImages:
     return len(self.paths)
 
   def get(self, ids: np.ndarray) -> Any:
-    from alignet_data import image_sources
+    from alignet_data.teacher import image_sources
     fs, _ = artifacts.url_to_fs(self.pattern)
     out = []
     for i in np.asarray(ids).tolist():
@@ -146,7 +146,7 @@ class TfdsImages:
     return len(self._source())
 
   def get(self, ids: np.ndarray) -> Any:
-    from alignet_data import image_sources
+    from alignet_data.teacher import image_sources
     ds = self._source()
     return _stack_or_list([image_sources.to_rgb(np.asarray(ds[int(i)]["image"])) for i in np.asarray(ids).tolist()])
 
@@ -154,7 +154,7 @@ class TfdsImages:
 def open_images(spec: str, tfds_data_dir: str | None = None) -> ImageSource:
   """An image source with random access by id from a spec: 'demo:<world>:pool|things', 'files:<glob>',
   'tfds:<name>[:<version>]:<split>' (the embed stage's specs, so a triplets artifact's ids mean the same)."""
-  from alignet_data import image_sources
+  from alignet_data.teacher import image_sources
   source = image_sources.parse(spec, tfds_data_dir=tfds_data_dir)
   if isinstance(source, image_sources.DemoSource):
     return demo_world_images(source.world_url, source.split)
@@ -262,7 +262,7 @@ def read_triplets(source: artifacts.Artifact | str, split: str, verify: bool = T
   With a manifest, every file's sha256 is checked against it and Parquet/TFRecord shards against the triplet
   schema (version included) before anything is used; a plain directory (the released npz) has nothing to verify.
   """
-  from alignet_data import shards
+  from alignet_data.dataset import shards
   if isinstance(source, str):
     art, url = open_shards(source), source
   else:

@@ -154,7 +154,7 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
   urls = {"shards": config["shards"], "world": config["world"]}
   if config.get("images"):
-    from alignet_data import image_sources
+    from alignet_data.teacher import image_sources
     urls["images"] = image_sources.input_url(config["images"]) or ""
   student = config["student"]
   if ":" in student:  # "<config-name>:<checkpoint>": the checkpoint file is an input too.

@@ -374,7 +374,8 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
   (coarse / fine / boundary; no-majority triplets excluded), as the evaluate stage computes it (without CIs).
   `things`: THINGS-like test accuracy (the human odd one out is item 2).
   """
-  from alignet_data import demo_world, evaluation, triplet_math
+  from alignet_data import demo_world, triplet_math
+  from alignet_data.evaluation import metrics
 
   unknown = set(names) - {"levels", "things"}
   if unknown:
@@ -384,19 +385,19 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
   if "levels" in names:
     pool_ids, local = np.unique(world.levels_triplets, return_inverse=True)
     local = local.reshape(world.levels_triplets.shape)
-    majority = evaluation.majority_vote(world.levels_choices)
+    majority = metrics.majority_vote(world.levels_choices)
     levels = np.asarray(world.levels_level).astype(str)
 
     def levels_hook(embed):
       sims = triplet_math.triplet_similarities(embed(world.pool_images[pool_ids]), local)
-      correct = evaluation.odd_one_out_correct(sims, majority)
+      correct = metrics.odd_one_out_correct(sims, majority)
       return {f"levels_{lv}_accuracy": float(correct[(levels == lv) & (majority >= 0)].mean())
               for lv in sorted(set(levels))}
     hooks["levels"] = levels_hook
   if "things" in names:
     def things_hook(embed):
       sims = triplet_math.triplet_similarities(embed(world.things_images), world.things_test)
-      return {"things_accuracy": float(evaluation.odd_one_out_correct(sims, 2).mean())}
+      return {"things_accuracy": float(metrics.odd_one_out_correct(sims, 2).mean())}
     hooks["things"] = things_hook
   return hooks
 

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignet_data import preprocessing
-from alignet_data.models import checkpoints, configs, hf_siglip
+from alignet_data.models import checkpoints, configs, hf_siglip, preprocessing
 from alignet_data.models.vit import ViT
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")

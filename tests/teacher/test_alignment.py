@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignet_data import alignment, things, triplet_math
+from alignet_data import triplet_math
+from alignet_data.human import things
+from alignet_data.teacher import alignment
 
 
 def test_hard_soft_and_kl_losses_by_hand():

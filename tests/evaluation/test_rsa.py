@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from alignet_data import rsa
+from alignet_data.evaluation import rsa
 
 
 def test_pearson_kernel_is_row_correlation_and_cosine_is_not_centred():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from alignet_data import representation
+from alignet_data.evaluation import representation
 
 
 def test_relation_codes_by_hand():

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import preprocessing
+from alignet_data.models import preprocessing
 
 SIGNATURE = "serving_default"
 INPUT = "images"

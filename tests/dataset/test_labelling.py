@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from alignet_data import labelling, sampling, triplet_math
+from alignet_data import triplet_math
+from alignet_data.dataset import labelling, sampling
 
 
 def _data(n=500, d=13, seed=0):

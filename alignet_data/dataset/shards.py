@@ -298,7 +298,7 @@ def _encode(columns: Columns, framed: bool) -> tuple[np.ndarray, np.ndarray]:
   str_bytes, str_off = _utf8(strings)
   keys = [f["name"].encode() for f in order]
   key_off = np.concatenate([[0], np.cumsum([len(k) for k in keys])]).astype(np.int64)
-  from alignet_data import kernels  # numba: imported on first use.
+  from alignet_data.dataset import kernels  # numba: imported on first use.
   return kernels.encode_examples(ints, floats, str_bytes, str_off, strings.shape[1], np.array(kinds, np.int64),
                     np.array(widths, np.int64), np.array(cols, np.int64), np.frombuffer(b"".join(keys), np.uint8),
                     key_off, framed)
@@ -403,7 +403,7 @@ _SCAN_ERRORS = {1: "truncated record header", 2: "corrupt length checksum", 3: "
 
 def count_tfrecord(data: bytes, what: str = "TFRecord") -> int:
   """Records in a TFRecord file's bytes, checking every length and data crc32c (compiled: ~1 GB/s)."""
-  from alignet_data import kernels
+  from alignet_data.dataset import kernels
   count, error, pos = kernels.scan_tfrecord(np.frombuffer(data, np.uint8))
   if error:
     raise SchemaError(f"{what}: {_SCAN_ERRORS[error]} at byte {pos}.")

@@ -16,7 +16,7 @@ from alignet_data import artifacts, numeric_files
 from alignet_data.checks import InputError, require_finite
 
 if TYPE_CHECKING:
-  from alignet_data.embeddings import Embeddings
+  from alignet_data.teacher.embeddings import Embeddings
 
 FILE_NAME = "transform.npz"
 
@@ -100,7 +100,7 @@ def apply_to_embeddings(embeddings_source: str | artifacts.Artifact, split: str,
     split: the split to read (e.g. "pool").
     transform: a Transform, an align artifact / its URL, or a transform .npz URL (gLocal's files load too).
   """
-  from alignet_data import embeddings  # pyarrow: only for callers that read embeddings.
+  from alignet_data.teacher import embeddings  # pyarrow: only for callers that read embeddings.
 
   emb = embeddings.load(embeddings_source, split)
   if transform is None:

@@ -5,7 +5,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from alignet_data import spose, things, triplet_math, vice
+from alignet_data import triplet_math
+from alignet_data.human import spose, things, vice
 
 
 def _simulated(beta=2.5, n_objects=40, n=6000, seed=0):

@@ -3,7 +3,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from alignet_data import artifacts, embeddings
+from alignet_data import artifacts
+from alignet_data.teacher import embeddings
 
 
 def _rows(n=23, dim=5, seed=0, drop=(3, 17)):

@@ -4,7 +4,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from alignet_data import things
+from alignet_data.human import things
 
 
 def _write(url: str, data: bytes) -> str:
@@ -159,7 +159,8 @@ def test_real_concept_table_and_sortindex(shared_data):
   assert (sortindex != np.arange(things.N_THINGS)).sum() == 21  # 21 concepts moved between the two orders.
   # The published VICE embedding is in upload order: reordered it predicts the canonical 50k test triplets
   # better (SOURCES.md: 63.9%), which checks the direction of the conversion.
-  from alignet_data import triplet_math, vice
+  from alignet_data import triplet_math
+  from alignet_data.human import vice
   test = things.load_triplets(f"{root}/triplets_50k.txt", things.N_THINGS)
   e = np.load(shared_data / "things" / "vice42_mean_uploadorder.npy")
   acc_canon = vice.accuracy(triplet_math.triplet_similarities(things.embedding_to_canonical(e, sortindex), test))

@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, clustering, embeddings
-from alignet_data.transform import Transform
+from alignet_data import artifacts
+from alignet_data.dataset import clustering
+from alignet_data.teacher import embeddings
+from alignet_data.teacher.transform import Transform
 from pipelines import cluster_stage
 
 

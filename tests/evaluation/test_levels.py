@@ -4,7 +4,7 @@ import io
 import numpy as np
 import pytest
 
-from alignet_data import evaluation, levels
+from alignet_data.evaluation import levels, metrics
 
 HEADER = "subject_id,image1Path,image2Path,image3Path,selected_image,rt,triplet_class\n"
 
@@ -29,7 +29,7 @@ def test_trials_group_into_triplets_whatever_the_order_shown(tmp_path):
   np.testing.assert_array_equal(data.choices, [[2, 2, 0, -1], [1, -1, -1, -1]])
   np.testing.assert_allclose(data.rt[0, :3], [2.5, 3.0, 12.0])  # ms -> s ("auto": median > 100)
   assert np.isnan(data.rt[0, 3]) and data.participants[0, 3] == "p4"
-  assert evaluation.majority_vote(data.choices).tolist() == [2, 1]
+  assert metrics.majority_vote(data.choices).tolist() == [2, 1]
   assert data.summary()["responses"] == 4 and data.summary()["trials"] == 5
   # Positions instead of names, 1-based, and seconds.
   text2 = "participant,image1,image2,image3,choice,rt,triplet_class\np,b,a,c,1,2.5,within_class\n"
@@ -61,8 +61,8 @@ def test_demo_world_rows_round_trip_through_the_loader(tmp_path):
   levels.write_rows(buf, levels.world_rows(world))
   data = levels.load(_csv(tmp_path, buf.getvalue().decode()))
   assert len(data) == len(world.levels_triplets)
-  human_world = evaluation.levels_human(world.levels_choices, world.levels_level, world.levels_rt, n_resamples=5)
-  human_file = evaluation.levels_human(data.choices, data.level, data.rt, n_resamples=5)
+  human_world = metrics.levels_human(world.levels_choices, world.levels_level, world.levels_rt, n_resamples=5)
+  human_file = metrics.levels_human(data.choices, data.level, data.rt, n_resamples=5)
   for lv in ("coarse", "fine", "boundary"):
     assert human_file[lv]["noise_ceiling"]["value"] == pytest.approx(human_world[lv]["noise_ceiling"]["value"])
     assert human_file[lv]["mean_log_rt"] == pytest.approx(human_world[lv]["mean_log_rt"], abs=1e-4)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from alignet_data import triplet_math, vice
+from alignet_data import triplet_math
+from alignet_data.human import vice
 
 
 def test_spike_and_slab_log_density_by_hand():

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from alignet_data import models, preprocessing
-from alignet_data.models import checkpoints
+from alignet_data import models
+from alignet_data.models import checkpoints, preprocessing
 
 TINY = {"name": "tiny", "patch_size": 8, "image_size": 16, "width": 16, "depth": 1, "mlp_dim": 32, "num_heads": 2,
         "preprocessing": "student"}

@@ -34,7 +34,8 @@ def _export_savedmodel(path, dim=8, output="pre_logits"):
 
 
 def test_savedmodel_with_the_released_signature_loads_and_evaluates(tmp_path):
-  from alignet_data import preprocessing, savedmodel
+  from alignet_data.evaluation import savedmodel
+  from alignet_data.models import preprocessing
 
   w = _export_savedmodel(tmp_path / "sm")
   enc = savedmodel.load(str(tmp_path / "sm"))

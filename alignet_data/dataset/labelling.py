@@ -36,7 +36,7 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 
 def _dots(vectors: np.ndarray, positions: np.ndarray, out: np.ndarray) -> float:
   """The kernel on one chunk; returns this thread's CPU seconds (the benchmark's per-core figure)."""
-  from alignet_data import kernels  # numba: imported on first use.
+  from alignet_data.dataset import kernels  # numba: imported on first use.
   cpu = time.thread_time()
   kernels.pair_dots(vectors, positions, out)
   return time.thread_time() - cpu

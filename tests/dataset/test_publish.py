@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from alignet_data import artifacts, publishing
+from alignet_data import artifacts
+from alignet_data.dataset import publishing
 from pipelines import publish_stage
 
 
@@ -133,7 +134,8 @@ def test_cli_publishes_without_out_and_refuses_the_same_version_clearly(tmp_path
 
 
 def test_card_lists_sample_triplets_and_says_when_images_are_unavailable(tmp_path):
-  from alignet_data import embeddings, shards
+  from alignet_data.dataset import shards
+  from alignet_data.teacher import embeddings
 
   def emb(writer):
     entry = embeddings.write_split(writer, "pool", np.arange(4), np.zeros(4), [f"n0_{i}.JPEG" for i in range(4)],

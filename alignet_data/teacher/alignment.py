@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alignet_data import things, triplet_math
-from alignet_data.transform import Transform
-from alignet_data.vice import choice_correct
+from alignet_data import triplet_math
+from alignet_data.human import things
+from alignet_data.human.vice import choice_correct
+from alignet_data.teacher.transform import Transform
 
 DEFAULT_LAMBDAS = (1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 LOSSES = ("soft", "hard")

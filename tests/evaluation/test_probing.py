@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from alignet_data import probing
+from alignet_data.evaluation import probing
 
 
 def _clusters(n_classes=5, per_class=30, dim=16, noise=0.3, seed=0):

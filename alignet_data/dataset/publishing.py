@@ -282,14 +282,14 @@ def _sample_images(src: artifacts.Artifact, samples: dict[str, dict[str, Any]]) 
     return None, "the artifact has no Parquet train shards to draw samples from"
   config = src.config
   try:
-    from alignet_data import embeddings
+    from alignet_data.teacher import embeddings
     spec = embeddings.info(config["embeddings"])["splits"][config["split"]]["source"]
   except Exception as e:  # noqa: BLE001 (any failure to find the source means: no pictures, and say why)
     return None, f"the embeddings artifact {config.get('embeddings')!r} is not readable here ({type(e).__name__})"
   if not str(spec).startswith("demo:"):
     return None, (f"the images of source `{spec}` are not available to the publisher (only the demo world's "
                   "images are rendered); the table lists the file names instead")
-  from alignet_data import image_sources
+  from alignet_data.teacher import image_sources
   source = image_sources.parse(spec)
   ids = sorted({int(i) for s in samples.values() for row in s["indices"] for i in row})
   try:
@@ -421,7 +421,7 @@ def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, versi
       "",
       "## Loading",
       "",
-      "Every file's sha256 is in `manifest.json`; `alignet_data.publishing.verify(URL)` re-checks them all.",
+      "Every file's sha256 is in `manifest.json`; `alignet_data.dataset.publishing.verify(URL)` re-checks them all.",
       "",
       "pyarrow / pandas:",
       "```python",

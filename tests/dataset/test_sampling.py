@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from alignet_data import sampling
+from alignet_data.dataset import sampling
 
 # Groups of uneven sizes, including ones too small for a pair (1 item) or a within-class triple (2 items).
 GROUPS = np.repeat(np.arange(8), [40, 1, 25, 2, 60, 7, 3, 30])

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignet_data import shards
+from alignet_data.dataset import shards
 
 
 def _columns(m=7, seed=0):

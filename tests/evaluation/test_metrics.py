@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from alignet_data import evaluation
+from alignet_data.evaluation import metrics
 
 # Similarities that make a model choose a given odd one out: [s01, s02, s12].
 ODD = {0: [0.0, 0.0, 1.0], 1: [0.0, 1.0, 0.0], 2: [1.0, 0.0, 0.0], "tie": [1.0, 1.0, 0.0]}
@@ -13,9 +13,9 @@ ODD = {0: [0.0, 0.0, 1.0], 1: [0.0, 1.0, 0.0], 2: [1.0, 0.0, 0.0], "tie": [1.0, 
 
 def test_majority_vote_marks_ties_and_ignores_missing():
   choices = np.array([[0, 0, 0, 1, 2], [1, 1, 2, 2, 0], [2, 2, 2, 2, 2], [0, 1, -1, -1, -1], [1, -1, -1, -1, -1]])
-  np.testing.assert_array_equal(evaluation.majority_vote(choices), [0, -1, 2, -1, 1])
+  np.testing.assert_array_equal(metrics.majority_vote(choices), [0, -1, 2, -1, 1])
   with pytest.raises(ValueError, match="positions 0..2"):
-    evaluation.vote_counts(np.array([[0, 3]]))
+    metrics.vote_counts(np.array([[0, 3]]))
 
 
 def test_leave_one_out_noise_ceiling_by_hand():
@@ -27,10 +27,10 @@ def test_leave_one_out_noise_ceiling_by_hand():
       [0, 0, -1, -1, -1],  # two valid responses that agree: 1
       [0, -1, -1, -1, -1],  # one valid response: no ceiling
   ])
-  agree = evaluation.loo_agreement(choices)
+  agree = metrics.loo_agreement(choices)
   np.testing.assert_allclose(agree[:5], [0.6, 0.0, 1.0, 0.3, 1.0])
   assert np.isnan(agree[5])
-  human = evaluation.levels_human(choices, np.array(["coarse"] * 3 + ["fine"] * 3), n_resamples=50)
+  human = metrics.levels_human(choices, np.array(["coarse"] * 3 + ["fine"] * 3), n_resamples=50)
   assert human["coarse"]["noise_ceiling"]["value"] == pytest.approx((0.6 + 0 + 1) / 3)
   assert human["fine"]["noise_ceiling"]["n"] == 2  # the one-response triplet has no ceiling
   assert human["coarse"]["n_no_majority"] == 1 and human["all"]["n_no_majority"] == 1
@@ -40,34 +40,34 @@ def test_levels_accuracy_excludes_no_majority_and_counts_model_ties_wrong():
   choices = np.array([[2] * 5, [0, 0, 0, 1, 1], [1, 1, 2, 2, 0], [1, 1, 1, 0, 2], [2, 2, 2, 0, 0], [0] * 5])
   levels = np.array(["coarse", "coarse", "coarse", "fine", "fine", "fine"])
   sims = np.array([ODD[2], ODD[0], ODD[0], ODD["tie"], ODD[2], ODD[1]])
-  out = evaluation.levels_model(sims, choices, levels, n_resamples=20)
+  out = metrics.levels_model(sims, choices, levels, n_resamples=20)
   assert out["coarse"]["accuracy"] == 1.0 and out["coarse"]["n"] == 2 and out["coarse"]["n_no_majority"] == 1
   assert out["fine"]["accuracy"] == pytest.approx(1 / 3) and out["fine"]["n"] == 3
   assert out["all"]["accuracy"] == pytest.approx(3 / 5)
-  assert evaluation.flat_accuracies(out) == {"coarse": 1.0, "fine": pytest.approx(1 / 3)}
+  assert metrics.flat_accuracies(out) == {"coarse": 1.0, "fine": pytest.approx(1 / 3)}
 
 
 def test_entropy_rt_spearman_matches_scipy_and_drops_slow_responses():
   rng = np.random.default_rng(0)
   n = 200
   sims = rng.normal(0, 1, (n, 3))
-  entropy = evaluation.model_entropy(sims)
+  entropy = metrics.model_entropy(sims)
   rt = np.exp(0.5 + entropy[:, None] + rng.normal(0, 0.3, (n, 5)))
   rt[0, :] = 12.0  # every response over 10 s: the triplet drops out
-  out = evaluation.levels_model(sims, np.zeros((n, 5), int), np.array(["boundary"] * n), rt, n_resamples=30)
+  out = metrics.levels_model(sims, np.zeros((n, 5), int), np.array(["boundary"] * n), rt, n_resamples=30)
   log_rt = np.log(rt[1:]).mean(1)
   expected = stats.spearmanr(entropy[1:], log_rt).statistic
   row = out["boundary"]["entropy_rt_spearman"]
   assert row["value"] == pytest.approx(expected) and row["n"] == n - 1 and row["value"] > 0.5
   assert row["ci"][0] <= row["value"] <= row["ci"][1]
-  np.testing.assert_allclose(evaluation.mean_log_rt(np.array([[2.0, 11.0, np.nan, 4.0]])), [np.log(8.0) / 2])
+  np.testing.assert_allclose(metrics.mean_log_rt(np.array([[2.0, 11.0, np.nan, 4.0]])), [np.log(8.0) / 2])
   # Human disagreement: the entropy of the response distribution, by hand; slower where people disagree.
-  h = evaluation.response_entropy(np.array([[0, 0, 0, 0, 0], [0, 0, 1, 1, 2], [-1] * 5]))
+  h = metrics.response_entropy(np.array([[0, 0, 0, 0, 0], [0, 0, 1, 1, 2], [-1] * 5]))
   np.testing.assert_allclose(h[:2], [0.0, -(2 * 0.4 * np.log(0.4) + 0.2 * np.log(0.2))])
   assert np.isnan(h[2])
   choices = np.array([[0] * 5, [0, 0, 0, 0, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 2]] * 5)
-  rts = np.exp(evaluation.response_entropy(choices))[:, None] * np.ones((1, 5))
-  human = evaluation.levels_human(choices, np.array(["fine"] * 20), rts, n_resamples=10)
+  rts = np.exp(metrics.response_entropy(choices))[:, None] * np.ones((1, 5))
+  human = metrics.levels_human(choices, np.array(["fine"] * 20), rts, n_resamples=10)
   assert human["fine"]["entropy_rt_spearman"]["value"] == pytest.approx(1.0)
 
 
@@ -75,55 +75,55 @@ def test_bootstrap_ci_contains_estimate_narrows_with_n_and_is_seeded():
   rng = np.random.default_rng(1)
   small = (rng.random(100) < 0.7).astype(float)
   large = (rng.random(1000) < 0.7).astype(float)
-  a, b = evaluation.mean_with_ci(small, seed=3), evaluation.mean_with_ci(large, seed=3)
+  a, b = metrics.mean_with_ci(small, seed=3), metrics.mean_with_ci(large, seed=3)
   for r in (a, b):
     assert r["ci"][0] <= r["value"] <= r["ci"][1]
   assert (b["ci"][1] - b["ci"][0]) < (a["ci"][1] - a["ci"][0])
-  assert evaluation.mean_with_ci(small, seed=3) == a and evaluation.mean_with_ci(small, seed=4) != a
-  assert evaluation.bootstrap_indices(5000, 100, 1000).shape == (100, 1000)  # the paper's 100 x 1,000
-  lo, hi = evaluation.bootstrap_ci(np.mean, [large], seed=3)
+  assert metrics.mean_with_ci(small, seed=3) == a and metrics.mean_with_ci(small, seed=4) != a
+  assert metrics.bootstrap_indices(5000, 100, 1000).shape == (100, 1000)  # the paper's 100 x 1,000
+  lo, hi = metrics.bootstrap_ci(np.mean, [large], seed=3)
   assert lo == pytest.approx(b["ci"][0]) and hi == pytest.approx(b["ci"][1])
 
 
 def test_wald_interval_by_hand():
-  lo, hi = evaluation.wald_ci(0.8, 100)
+  lo, hi = metrics.wald_ci(0.8, 100)
   assert lo == pytest.approx(0.8 - 1.959964 * 0.04, abs=1e-6) and hi == pytest.approx(0.8 + 1.959964 * 0.04, abs=1e-6)
-  assert evaluation.wald_ci(1.0, 10) == [1.0, 1.0] and evaluation.wald_ci(0.02, 10)[0] == 0.0  # clipped
-  assert np.isnan(evaluation.wald_ci(0.5, 0)[0])
+  assert metrics.wald_ci(1.0, 10) == [1.0, 1.0] and metrics.wald_ci(0.02, 10)[0] == 0.0  # clipped
+  assert np.isnan(metrics.wald_ci(0.5, 0)[0])
 
 
 def test_paired_comparison_difference_and_mcnemar_by_hand():
   a = np.array([1, 1, 1, 1, 1, 0, 1, 0, np.nan] + [1] * 20, float)
   b = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1] + [1] * 20, float)
-  out = evaluation.paired_comparison(a, b, n_resamples=200)
+  out = metrics.paired_comparison(a, b, n_resamples=200)
   assert out["n"] == 28 and out["a_only"] == 4 and out["b_only"] == 1  # the NaN item is dropped from both
   assert out["difference"] == pytest.approx(3 / 28)
   assert out["p_value"] == pytest.approx(stats.binomtest(4, 5, 0.5).pvalue)  # exact McNemar = 0.375
   assert out["ci"][0] <= out["difference"] <= out["ci"][1]
-  same = evaluation.paired_comparison(b, b)
+  same = metrics.paired_comparison(b, b)
   assert same["difference"] == 0 and same["ci"] == [0.0, 0.0] and same["p_value"] == 1.0
   with pytest.raises(ValueError, match="same items"):
-    evaluation.paired_comparison(a, b[:5])
+    metrics.paired_comparison(a, b[:5])
 
 
 def test_things_soft_labels_kl_and_correlation_by_hand():
   sims = np.log(np.array([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))  # softmax at tau 1 gives these probabilities
   human = np.array([[0.5, 0.25, 0.25], [0.6, 0.2, 0.2]])
-  out = evaluation.things_soft(sims, human, n_resamples=20)
+  out = metrics.things_soft(sims, human, n_resamples=20)
   q = np.exp(sims)
   kl = (human * np.log(human / q)).sum(1)
   assert out["kl"]["value"] == pytest.approx(kl.mean()) and kl[0] == pytest.approx(0)
   assert out["pearson"]["value"] == pytest.approx(stats.pearsonr(human.ravel(), q.ravel()).statistic)
   assert out["spearman"]["value"] == pytest.approx(stats.spearmanr(human.ravel(), q.ravel()).statistic)
   # A model that is certain of the wrong pair: log q underflows, KL stays finite (computed from log q).
-  assert np.isfinite(evaluation.things_soft(np.array([[0.0, 0.0, 2000.0]]), human[:1])["kl"]["value"])
+  assert np.isfinite(metrics.things_soft(np.array([[0.0, 0.0, 2000.0]]), human[:1])["kl"]["value"])
   with pytest.raises(ValueError, match="probabilities"):
-    evaluation.things_soft(sims, human * 2)
+    metrics.things_soft(sims, human * 2)
 
 
 def test_things_accuracy_reads_item_two_as_the_odd_one_out():
   sims = np.array([ODD[2], ODD[2], ODD[0], ODD["tie"]])
-  out = evaluation.things_accuracy(sims, n_resamples=10)
+  out = metrics.things_accuracy(sims, n_resamples=10)
   assert out["accuracy"] == 0.5 and out["n"] == 4
 
 

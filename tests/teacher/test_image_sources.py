@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignet_data import image_sources
+from alignet_data.teacher import image_sources
 
 _Y, _X = np.mgrid[:6, :5]
 RGB = np.stack([_Y * 40 + 20, _X * 50 + 10, 230 - _Y * 20 - _X * 10], -1).astype(np.uint8)  # Smooth: lossy codecs

@@ -1,0 +1,1 @@
+"""The AligNet dataset: k-means clusters, triplet sampling, soft labelling, shards, publishing."""

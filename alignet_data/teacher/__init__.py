@@ -1,0 +1,1 @@
+"""The teacher side: image sources, the embeddings store, and the affine alignment fitted to human soft labels."""
