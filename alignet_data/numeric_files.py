@@ -1,11 +1,18 @@
-"""Reading user-supplied `.npy` / `.npz` files: one-line `InputError`s that name the file.
+"""Reading user-supplied numeric files: the one reader of a matrix or a triplet array at a URL.
 
-numpy's own errors mislead a user: a 0-byte file is an `EOFError`, a corrupt zip a `BadZipFile`, and any other
-bytes get the advice to pass ``allow_pickle=True`` (which would execute them). Every reader of a numeric file that a
-user points a flag at goes through `load` so that all of these say "<file>: not a numeric array file ...".
+One rule for every file a user points a flag at (`read_array`, `read_matrix`), by suffix:
+* ``.npy``: its array;
+* ``.npz``: the first of the caller's preferred keys it holds, else its only array (several arrays and none of
+  those keys is an error listing them: taking "the first" silently could read the wrong one);
+* anything else (``.txt``, ``.csv``, ``.tsv``...): text, one row per line, numbers separated by whitespace or
+  commas, ``#`` starting a comment.
+Errors are one-line `InputError`s (or FileNotFoundError) that start with the file's URL. numpy's own errors
+mislead a user: a 0-byte file is an `EOFError`, a corrupt zip a `BadZipFile`, and any other bytes get the advice to
+pass ``allow_pickle=True`` (which would execute them); `load` turns all of these into "<file>: not a ...".
 """
 from __future__ import annotations
 
+import io
 import zipfile
 import zlib
 from typing import IO
@@ -13,7 +20,7 @@ from typing import IO
 import numpy as np
 
 from alignet_data import artifacts
-from alignet_data.checks import InputError
+from alignet_data.checks import InputError, require_finite
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # A zip with members; an empty zip.
@@ -81,3 +88,51 @@ def _name(source: str | IO[bytes], url: str | None) -> str:
   if url:
     return url
   return source if isinstance(source, str) else str(getattr(source, "path", None) or getattr(source, "name", "file"))
+
+
+BINARY_SUFFIXES = (".npy", ".npz")
+TEXT_SUFFIXES = (".txt", ".csv", ".tsv")  # For `is_array_file`; any other suffix also reads as text.
+
+
+def read_array(url: str, *, npz_keys: tuple[str, ...] = (), what: str = "numeric array") -> np.ndarray:
+  """The numeric array in the file at `url`, by the module's rule (.npy, .npz with `npz_keys`, else text)."""
+  what = what if what.startswith("numeric") else f"numeric {what}"
+  fs, path = artifacts.url_to_fs(url)
+  if not fs.isfile(path):
+    raise FileNotFoundError(f"File not found: {url}")
+  with fs.open(path, "rb") as f:
+    data = f.read()
+  if path.endswith(".npy"):
+    return load_npy(io.BytesIO(data), url, what=f"{what} (.npy)")
+  if path.endswith(".npz"):
+    arrays = load_npz(io.BytesIO(data), url, what=f"{what} (.npz)")
+    key = next((k for k in npz_keys if k in arrays), None)
+    if key is None and len(arrays) != 1:
+      wanted = f"none of {list(npz_keys)} and " if npz_keys else ""
+      raise InputError(f"{url}: holds {wanted}{len(arrays)} arrays {sorted(arrays)}; expected one {what}.")
+    return arrays[key if key is not None else next(iter(arrays))]
+  text = data.decode("utf-8", errors="replace")
+  lines = [line for line in text.splitlines() if line.split("#", 1)[0].strip()]
+  if not lines:
+    raise InputError(f"{url}: is empty; expected a {what} as text rows (give at least one row).")
+  try:
+    return np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2, comments="#",
+                      delimiter="," if "," in lines[0] else None)
+  except ValueError as e:
+    raise InputError(f"{url}: cannot parse as numeric columns separated by whitespace or commas: {e}") from None
+
+
+def is_array_file(url: str) -> bool:
+  """Whether a flag's value names a numeric file (by the suffixes above) rather than an artifact folder."""
+  return url.rstrip("/").lower().endswith(BINARY_SUFFIXES + TEXT_SUFFIXES)
+
+
+def read_matrix(url: str, *, npz_keys: tuple[str, ...] = (), what: str = "(n, d) matrix",
+                finite: bool = True) -> np.ndarray:
+  """`read_array` checked to be a non-empty numeric 2-D array (and finite unless `finite=False`)."""
+  m = read_array(url, npz_keys=npz_keys, what=what)
+  if m.ndim != 2 or 0 in m.shape or m.dtype.kind not in "iuf":
+    raise InputError(f"{url}: expected a non-empty numeric {what}, got shape {m.shape}, dtype {m.dtype}.")
+  if finite:
+    require_finite(m, url)
+  return m

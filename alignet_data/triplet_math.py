@@ -1,11 +1,24 @@
-"""Pure numpy math of the triplet odd-one-out task, shared by every stage.
+"""The math of the triplet odd-one-out task, written once: numpy functions with their JAX twins beside them.
 
-Convention (THINGS, VICE, the released AligNet data): a triplet is (i, j, k) where (i, j) is the pair judged
-most similar and k the odd one out. The three pair similarities of a triplet of items (a, b, c) are listed in
-the fixed order ``[s(a,b), s(a,c), s(b,c)]`` = ``[s01, s02, s12]``; pair p leaves out item ``ODD_OF_PAIR[p]``.
-Changing this order breaks compatibility with the released ``alignet_*.npz`` files.
+The convention, stated here and nowhere else (THINGS, VICE, the released AligNet data follow it):
+* A stored triplet is (i, j, odd): items 0 and 1 are the pair a person judged most similar, item 2 the odd one
+  out. So the human pair is pair 0 (`HUMAN_PAIR`) and the human odd one out is item 2 (`HUMAN_ODD`).
+* The three pair similarities of a triplet of items (0, 1, 2) are in the fixed order ``[s01, s02, s12]``; pair p
+  leaves out item ``ODD_OF_PAIR[p]``. Changing this order breaks compatibility with the released
+  ``alignet_*.npz`` files.
+* A model's odd one out is the item its most similar pair leaves out. A tie for the top similarity, or any NaN
+  or infinite similarity, gives no choice (-1), which never matches a target: ties count as wrong.
+* Pair probabilities are softmax(similarities / tau) over the three pairs.
+
+numpy functions take array-likes and compute in float64 where they reduce; each ``*_jax`` twin is pure, jit- and
+grad-safe, keeps its input's dtype, and is tested against its numpy function (tests/test_triplet_math.py). JAX is
+imported inside the twins only, so numpy users (Beam workers, the sampler) never load it. The one other
+computation of [s01, s02, s12] is the compiled labelling kernel (`dataset.kernels.pair_dots`), whose test
+compares it with `pair_similarities`.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +26,8 @@ import numpy as np
 PAIRS = np.array([[0, 1], [0, 2], [1, 2]])
 ODD_OF_PAIR = np.array([2, 1, 0])  # pair (0,1) -> odd 2; (0,2) -> odd 1; (1,2) -> odd 0.
 PAIR_OF_ODD = np.array([2, 1, 0])  # the inverse map (it is its own inverse).
+HUMAN_PAIR = 0  # Stored triplets list the human pair first...
+HUMAN_ODD = 2   # ...and the human odd one out last.
 
 
 def pair_similarities(x: np.ndarray) -> np.ndarray:
@@ -36,6 +51,12 @@ def triplet_similarities(embeddings: np.ndarray, triplets: np.ndarray) -> np.nda
   """``[s01, s02, s12]`` for index triplets into an (m, d) embedding matrix."""
   triplets = np.asarray(triplets)
   return pair_similarities(np.asarray(embeddings)[triplets])
+
+
+def matrix_similarities(similarity: np.ndarray, triplets: np.ndarray) -> np.ndarray:
+  """``[s01, s02, s12]`` of index triplets read from an (m, m) similarity matrix (e.g. a Gram matrix)."""
+  sim, t = np.asarray(similarity), np.asarray(triplets)
+  return np.stack([sim[t[:, 0], t[:, 1]], sim[t[:, 0], t[:, 2]], sim[t[:, 1], t[:, 2]]], axis=-1)
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -72,22 +93,36 @@ def odd_one_out(similarities: np.ndarray) -> np.ndarray:
   return np.where(undefined, -1, ODD_OF_PAIR[best])
 
 
-def odd_one_out_accuracy(similarities: np.ndarray, human_odd: np.ndarray | int = 2) -> float:
-  """Fraction of triplets whose model odd one out equals the human one (ties and non-finite similarities wrong).
-
-  ``human_odd`` defaults to 2: triplet files list the human-chosen pair first.
-  """
+def odd_one_out_correct(similarities: np.ndarray, target_odd: np.ndarray | int = HUMAN_ODD) -> np.ndarray:
+  """(n,) 1.0 where the model's odd one out equals the target item, else 0.0. A model tie or a NaN/inf similarity
+  is wrong, even against a target of -1 (no majority): an undefined answer is never a hit."""
   model = odd_one_out(similarities)
-  human = np.broadcast_to(np.asarray(human_odd), model.shape)
-  return float(np.mean(model == human)) if model.size else float("nan")
+  return ((model == np.asarray(target_odd)) & (model >= 0)).astype(np.float64)
+
+
+def odd_one_out_accuracy(similarities: np.ndarray, target_odd: np.ndarray | int = HUMAN_ODD) -> float:
+  """Mean of `odd_one_out_correct`: the fraction of triplets whose model odd one out is the target's (by default
+  the human one of stored triplets); nan for no triplets."""
+  correct = odd_one_out_correct(similarities, target_odd)
+  return float(correct.mean()) if correct.size else float("nan")
+
+
+def human_pair_nll(probs: np.ndarray) -> float:
+  """Mean -log p(human pair) of (n, 3) pair probabilities of stored triplets (p floored at 1e-12)."""
+  return float(np.mean(-np.log(np.maximum(np.asarray(probs, np.float64)[:, HUMAN_PAIR], 1e-12))))
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
   """KL(p || q) in nats per row; terms with p = 0 contribute 0."""
-  p = np.asarray(p, dtype=np.float64)
-  q = np.asarray(q, dtype=np.float64)
   with np.errstate(divide="ignore", invalid="ignore"):
-    terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return kl_divergence_log(p, np.log(np.asarray(q, dtype=np.float64)), axis)
+
+
+def kl_divergence_log(p: np.ndarray, log_q: np.ndarray, axis: int = -1) -> np.ndarray:
+  """KL(p || q) from log q (a confident model's q can underflow to 0 where log q stays finite)."""
+  p = np.asarray(p, dtype=np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    terms = np.where(p > 0, p * (np.log(p) - np.asarray(log_q)), 0.0)
   return terms.sum(axis=axis)
 
 
@@ -125,3 +160,55 @@ def order_by_similarity(triplets: np.ndarray, similarities: np.ndarray) -> tuple
   order = np.stack([first, second, odd], axis=-1)
   new_s = np.stack([sim[rows, first, second], sim[rows, first, odd], sim[rows, second, odd]], axis=-1)
   return np.take_along_axis(triplets, order, axis=-1), new_s
+
+
+# ----------------------------------------------------------------------------------------------- JAX twins
+
+
+def pair_similarities_jax(x: Any) -> Any:
+  """`pair_similarities` of (n, 3, d) JAX triplet embeddings: (n, 3) ``[s01, s02, s12]`` in their dtype."""
+  import jax.numpy as jnp
+  return jnp.stack([jnp.sum(x[:, 0] * x[:, 1], -1), jnp.sum(x[:, 0] * x[:, 2], -1),
+                    jnp.sum(x[:, 1] * x[:, 2], -1)], axis=-1)
+
+
+def triplet_similarities_jax(embeddings: Any, triplets: Any) -> Any:
+  """`triplet_similarities`: index triplets into an (m, d) JAX embedding."""
+  return pair_similarities_jax(embeddings[triplets])
+
+
+def matrix_similarities_jax(similarity: Any, triplets: Any) -> Any:
+  """`matrix_similarities`: index triplets read from an (m, m) JAX similarity matrix."""
+  import jax.numpy as jnp
+  i, j, k = triplets[:, 0], triplets[:, 1], triplets[:, 2]
+  return jnp.stack([similarity[i, j], similarity[i, k], similarity[j, k]], axis=-1)
+
+
+def odd_one_out_jax(similarities: Any) -> Any:
+  """`odd_one_out`: the item left out by the top pair, or -1 for a tie or a non-finite similarity."""
+  import jax.numpy as jnp
+  s = similarities
+  best = jnp.argmax(s, axis=-1)
+  tied = jnp.sum(s == jnp.max(s, axis=-1, keepdims=True), axis=-1) > 1
+  undefined = tied | ~jnp.all(jnp.isfinite(s), axis=-1)
+  return jnp.where(undefined, -1, jnp.asarray(ODD_OF_PAIR)[best])
+
+
+def odd_one_out_correct_jax(similarities: Any, target_odd: Any = HUMAN_ODD) -> Any:
+  """`odd_one_out_correct` as float32 (an undefined model answer never matches, not even a target of -1)."""
+  import jax.numpy as jnp
+  model = odd_one_out_jax(similarities)
+  return ((model == target_odd) & (model >= 0)).astype(jnp.float32)
+
+
+def human_pair_nll_jax(logits: Any) -> Any:
+  """(n,) -log softmax(logits)[human pair]: the hard odd-one-out loss of stored triplets, per triplet."""
+  import jax
+  return -jax.nn.log_softmax(logits, axis=-1)[:, HUMAN_PAIR]
+
+
+def kl_divergence_jax(log_p: Any, log_q: Any) -> Any:
+  """`kl_divergence_log` from log p and log q: (n,) KL(p || q); rows where p = 0 contribute 0 (no 0 * -inf)."""
+  import jax.numpy as jnp
+  p = jnp.exp(log_p)
+  return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)

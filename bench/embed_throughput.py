@@ -17,6 +17,7 @@ On an accelerator it also prints model FLOP utilisation against `--peak-tflops`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alignet_data import artifacts, models  # noqa: E402
-from alignet_data.teacher import image_sources
+from alignet_data.models import batching  # noqa: E402
+from alignet_data.teacher import image_sources  # noqa: E402
 from pipelines import embed_pipeline  # noqa: E402
 
 
@@ -78,12 +80,12 @@ def bench_loop(load, spec: str, source: ArraySource, batch_size: int, images_per
   fn = jax.jit(model.embed_fn)
   # The same batches as the pipeline: each read range cut into batch_size blocks, the last padded.
   blocks = [source.images(s, min(s + images_per_range, len(source))) for s in range(0, len(source), images_per_range)]
-  embed_pipeline.embed_padded(fn, model.params, model.preprocess(blocks[0][:batch_size]), batch_size)  # Compile.
+  batching.embed_padded(functools.partial(fn, model.params), model.preprocess(blocks[0][:batch_size]), batch_size)
   t1 = time.perf_counter()
   for block in blocks:
     for start in range(0, len(block), batch_size):
       x = model.preprocess(block[start:start + batch_size])
-      embed_pipeline.embed_padded(fn, model.params, x, batch_size).sum()
+      batching.embed_padded(functools.partial(fn, model.params), x, batch_size).sum()
   t2 = time.perf_counter()
   n = len(source)
   return {"path": "loop", "images": n, "seconds": round(t2 - t1, 3), "images_per_s": round(n / (t2 - t1), 1),

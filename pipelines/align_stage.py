@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data import artifacts, numeric_files
-from alignet_data.checks import InputError, require_finite
+from alignet_data.checks import require_finite
 from alignet_data.human import things
 from alignet_data.teacher import alignment, object_features
 from pipelines import stages
@@ -91,13 +91,11 @@ def load_features(url: str, split: str = "things", unique_ids: str | None = None
                   reduce: str = "first") -> np.ndarray:
   """(n_objects, p) float32 features in object order: an .npy file, or an embed artifact split read by id (row i
   = id i) or, given a uniqueID list (THINGS unique_id.txt), by the uniqueID its file names carry."""
-  if url.endswith(".npy"):
+  if numeric_files.is_array_file(url):
     if unique_ids:
-      raise ValueError(f"{url}: an .npy is already in object order; --unique-ids applies to embed artifacts only.")
-    x = numeric_files.load_npy(url, what="numeric .npy (n_objects, dim) feature matrix")
-    if x.ndim != 2 or x.dtype.kind not in "iuf":
-      raise InputError(f"{url}: features must be a numeric (n_objects, dim) matrix, got shape {x.shape}, "
-                       f"dtype {x.dtype}.")
+      raise ValueError(f"{url}: a matrix file is already in object order; --unique-ids applies to embed artifacts "
+                       "only.")
+    x = numeric_files.read_matrix(url, npz_keys=("features",), what="(n_objects, dim) feature matrix")
   else:
     from alignet_data.teacher import embeddings
     art = artifacts.load(url, stage="embed")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -31,6 +32,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from alignet_data import artifacts
 from alignet_data.checks import InputError, check_name
+from alignet_data.models import batching
 from alignet_data.teacher import embeddings, image_sources
 
 __all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_from_args", "default_config",
@@ -183,19 +185,6 @@ def preprocess_block(model: Any, images: Any) -> np.ndarray:
   return np.concatenate([model.preprocess(im[None]) for im in images])
 
 
-def embed_padded(fn: Callable, params: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-  """fn(params, batch) over x in batches of exactly `batch_size` rows (the last zero-padded): one compiled shape,
-  and a row's result never depends on how the rows were grouped into blocks."""
-  outs = []
-  for start in range(0, len(x), batch_size):
-    chunk = x[start:start + batch_size]
-    n = len(chunk)
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-    outs.append(np.asarray(fn(params, chunk), np.float32)[:n])
-  return np.concatenate(outs)
-
-
 def split_by_shard(block: EmbeddedBlock, ids_per_shard: int) -> Iterable[tuple[tuple[str, int], EmbeddedBlock]]:
   shard = embeddings.shard_of(block.ids, ids_per_shard)
   for s in np.unique(shard):
@@ -260,7 +249,8 @@ class JaxEmbedHandler(inference.ModelHandler):
     out = []
     for block in batch:
       x = preprocess_block(model.model, block.images)
-      vectors = embed_padded(model.fn, model.params, x, self.batch_size)
+      vectors = batching.embed_padded(functools.partial(model.fn, model.params), x, self.batch_size)
+      vectors = vectors.astype(np.float32, copy=False)
       beam.metrics.Metrics.counter(NAMESPACE, "images").inc(len(block))
       beam.metrics.Metrics.counter(NAMESPACE, "batches").inc(-(-len(block) // self.batch_size))
       out.append(EmbeddedBlock(block.split, block.ids, block.labels, block.file_names, vectors))

@@ -37,7 +37,6 @@ Artifact, checkpoint and data URLs in the config are inputs of the stage (digest
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data import artifacts, checks, numeric_files, triplet_math
-from alignet_data.checks import InputError, require_finite
+from alignet_data.checks import require_finite
 from alignet_data.evaluation import metrics
 
 STAGE = "evaluate"
@@ -244,54 +243,31 @@ def load_model(spec: str) -> Any:
   return models.load_model(spec)
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted(embed_fn: Any) -> Any:
-  import jax
-  return jax.jit(embed_fn)
-
-
 def embed_images(model: Any, images: np.ndarray, batch_size: int, bar: Any = None) -> np.ndarray:
   """uint8 images -> (n, dim) float32 representations; fixed-size batches so the model compiles once."""
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out.append(_embed_preprocessed(model, model.preprocess(chunk))[:batch_size - pad])
-    if bar is not None:
-      bar.update(batch_size - pad)
-  return np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
-
-
-def _embed_preprocessed(model: Any, x: np.ndarray) -> np.ndarray:
-  if hasattr(model, "embed_fn"):
-    return np.asarray(_jitted(model.embed_fn)(model.params, x))
-  return model.embed_preprocessed(x)
+  from alignet_data.models import batching
+  return batching.embed_padded(model.embed_preprocessed, images, batch_size, prepare=model.preprocess,
+                               dim=model.dim, progress=bar.update if bar is not None else None)
 
 
 def embed_files(model: Any, urls: Sequence[str], batch_size: int, bar: Any = None) -> np.ndarray:
   """Image files of any size -> (n, dim): each is decoded and preprocessed on its own (the model's resize and
   value range), then embedded in fixed-size batches."""
+  from alignet_data.models import batching
   from alignet_data.teacher import image_sources
-  out = []
-  for start in range(0, len(urls), batch_size):
-    chunk = []
-    for url in urls[start:start + batch_size]:
+
+  def prepare(chunk: Sequence[str]) -> np.ndarray:
+    out = []
+    for url in chunk:
       fs, path = artifacts.url_to_fs(url)
       with fs.open(path, "rb") as f:
         try:
-          chunk.append(model.preprocess(image_sources.decode_image(f.read())))
+          out.append(model.preprocess(image_sources.decode_image(f.read())))
         except ValueError as e:
           raise ValueError(f"{url}: {e}") from None
-    x = np.concatenate(chunk)
-    pad = batch_size - len(x)
-    if pad:
-      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    out.append(_embed_preprocessed(model, x)[:batch_size - pad])
-    if bar is not None:
-      bar.update(batch_size - pad)
-  return np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
+    return np.concatenate(out)
+  return batching.embed_padded(model.embed_preprocessed, list(urls), batch_size, prepare=prepare, dim=model.dim,
+                               progress=bar.update if bar is not None else None)
 
 
 def _key(name: str) -> str:
@@ -315,20 +291,8 @@ class Subject:
     self.matrix = self.artifact = self.model = None
     if model.startswith(EMBEDDINGS_PREFIX):
       url = model[len(EMBEDDINGS_PREFIX):]
-      if url.endswith((".npy", ".npz")):  # A bare matrix (an .npz: its `embeddings` array, else its first).
-        fs, path = artifacts.url_to_fs(url)
-        if not fs.isfile(path):
-          raise FileNotFoundError(f"Embeddings file not found: {url}")
-        loaded = numeric_files.load(url, what="numeric (n, d) embedding matrix (.npy, or .npz of arrays)")
-        if isinstance(loaded, dict):
-          if not loaded:
-            raise InputError(f"{url}: holds no arrays.")
-          loaded = loaded.get("embeddings", next(iter(loaded.values())))
-        self.matrix = loaded
-        if self.matrix.ndim != 2 or self.matrix.dtype.kind not in "iuf":
-          raise InputError(f"{url}: an embeddings matrix must be a numeric (n, d) array, got shape "
-                           f"{self.matrix.shape}, dtype {self.matrix.dtype}.")
-        require_finite(self.matrix, f"Embeddings {url}")  # NaN would score as a hit.
+      if numeric_files.is_array_file(url):  # A bare matrix; finite, or NaN would score as a hit.
+        self.matrix = numeric_files.read_matrix(url, npz_keys=("embeddings",), what="(n, d) embedding matrix")
         self.kind, self.dim = "npy", int(self.matrix.shape[1])
       else:
         from alignet_data.teacher import embeddings
@@ -531,8 +495,8 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
     if human is not None:
       soft = np.asarray(human["test_probs"], np.float64)
     else:
-      soft = np.asarray(things.read_array(config["things_soft_labels"], ("probs", "test_probs", "soft_labels")),
-                        np.float64)
+      soft = numeric_files.read_array(config["things_soft_labels"], npz_keys=("probs", "test_probs", "soft_labels"),
+                                      what="(n, 3) soft-label array").astype(np.float64)
       require_finite(soft, f"Soft labels {config['things_soft_labels']}")
     if soft.shape != triplets.shape:
       raise ValueError(f"things_soft_labels {config['things_soft_labels']} has shape {soft.shape}; it needs one "
@@ -547,7 +511,7 @@ def _things(config, world, subjects, boot, report, keep, skipped) -> None:
       continue
     sims = triplet_math.triplet_similarities(np.asarray(x, np.float64), triplets)
     row = metrics.things_accuracy(sims, **boot)
-    correct = metrics.odd_one_out_correct(sims, 2)
+    correct = triplet_math.odd_one_out_correct(sims, 2)
     row["wald_ci"] = metrics.wald_ci(row["accuracy"], row["n"])
     if soft is not None:
       row["soft"] = metrics.things_soft(sims, soft, tau=float(config["things_tau"]), **boot)
@@ -587,7 +551,7 @@ def _levels(config, world, subjects, boot, report, keep, skipped) -> None:
     sims = triplet_math.triplet_similarities(np.asarray(x, np.float64), local)
     out[name] = metrics.levels_model(sims, choices, level, rt, entropy_tau=float(config["entropy_tau"]),
                                         max_rt=max_rt, **boot)
-    correct = metrics.odd_one_out_correct(sims, majority)
+    correct = triplet_math.odd_one_out_correct(sims, majority)
     correct[majority < 0] = np.nan
     for lv in metrics._levels_present(np.asarray(level)):
       keep["correct"].setdefault(f"levels/{lv}", {})[name] = np.where(np.asarray(level) == lv, correct, np.nan)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from alignet_data import artifacts
+from alignet_data import artifacts, triplet_math
 from alignet_data.human import spose, things, vice
 from pipelines import stages
 
@@ -240,22 +240,22 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
     if val_rows is not None:
       report["fit_triplets"] = len(fit_rows)
       report["val_triplets"] = len(val_rows)
-      report["val_accuracy"] = vice.accuracy(train_probs[val_rows])
-      report["val_nll"] = vice.nll(train_probs[val_rows])
+      report["val_accuracy"] = triplet_math.odd_one_out_accuracy(train_probs[val_rows])
+      report["val_nll"] = triplet_math.human_pair_nll(train_probs[val_rows])
     if result.best_epoch is not None:
       report["best_epoch"] = result.best_epoch
   writer.write_npz("soft_labels.npz", train_triplets=train, train_probs=train_probs, test_triplets=test,
                    test_probs=test_probs)
   writer.set_rows("train_triplets", len(train))
   writer.set_rows("test_triplets", len(test))
-  report.update(test_accuracy=vice.accuracy(test_probs), test_nll=vice.nll(test_probs),
-                train_accuracy=vice.accuracy(train_probs))
+  report.update(test_accuracy=triplet_math.odd_one_out_accuracy(test_probs),
+                test_nll=triplet_math.human_pair_nll(test_probs),
+                train_accuracy=triplet_math.odd_one_out_accuracy(train_probs))
   if world is not None:
     # The simulation's own choice probabilities: the ceiling any model of these humans can reach.
-    from alignet_data import triplet_math
     true_p = np.asarray(world.things_test_probs, np.float64)
-    report["simulation_test_accuracy"] = vice.accuracy(true_p)
-    report["simulation_test_nll"] = vice.nll(true_p)
+    report["simulation_test_accuracy"] = triplet_math.odd_one_out_accuracy(true_p)
+    report["simulation_test_nll"] = triplet_math.human_pair_nll(true_p)
     report["test_kl_to_simulation"] = float(triplet_math.kl_divergence(true_p, test_probs).mean())
   report["seconds"] = round(time.perf_counter() - start, 1)
   return report

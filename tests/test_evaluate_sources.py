@@ -77,7 +77,7 @@ def test_embeddings_artifact_released_levels_rsa_probe_and_transform(world_url, 
   majority = metrics.majority_vote(world.levels_choices)
   sel = (world.levels_level == "coarse") & (majority >= 0)
   sims = triplet_math.triplet_similarities(semantic[:, :4].astype(np.float32).astype(np.float64), trip[sel])
-  hand = metrics.odd_one_out_correct(sims, majority[sel]).mean()
+  hand = triplet_math.odd_one_out_correct(sims, majority[sel]).mean()
   assert released["levels"]["emb4"]["coarse"]["accuracy"] == pytest.approx(hand)
   assert released["models"]["emb4"]["dim"] == dim  # the model's own dimension; the transform maps it to 4
   # RSA: the semantic vectors correlate with the humans' RSM; every kernel and measure is reported with a CI.

@@ -71,13 +71,13 @@ def test_one_nan_row_in_good_embeddings_is_not_a_hit():
   x[1] = x[2] = 1.0  # Items 1 and 2 alike, 0 far away: the model's odd one out is 0, a miss ...
   x[0] = -1.0
   sims = triplet_math.triplet_similarities(x, triplets)
-  assert metrics.odd_one_out_correct(sims, 2)[0] == 0.0
+  assert triplet_math.odd_one_out_correct(sims, 2)[0] == 0.0
   x[0] = np.nan  # ... and stays a miss when row 0 is NaN (argmax over [NaN, NaN, s12] picked pair 01: a "hit").
   sims = triplet_math.triplet_similarities(x, triplets)
-  assert metrics.odd_one_out_correct(sims, 2)[0] == 0.0
+  assert triplet_math.odd_one_out_correct(sims, 2)[0] == 0.0
   assert metrics.things_accuracy(sims[:1], n_resamples=5)["accuracy"] == 0.0
   # A model with no answer never matches "no majority" (-1) either.
-  assert metrics.odd_one_out_correct(np.full((1, 3), np.nan), np.array([-1]))[0] == 0.0
+  assert triplet_math.odd_one_out_correct(np.full((1, 3), np.nan), np.array([-1]))[0] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ evaluate

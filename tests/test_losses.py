@@ -8,10 +8,10 @@ from alignet_data import triplet_math
 from trainer import losses
 
 
-def test_pair_dots_uses_the_released_pair_order():
+def test_student_pair_similarities_use_the_released_pair_order():
   z = jnp.array([[[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]]])  # s01 = 2, s02 = 0, s12 = 0
   z = z.at[0, 2].set(jnp.array([1.0, 1.0]))             # s02 = 1, s12 = 2
-  np.testing.assert_allclose(losses.pair_dots(z), [[2.0, 1.0, 2.0]])
+  np.testing.assert_allclose(triplet_math.pair_similarities_jax(z), [[2.0, 1.0, 2.0]])
 
 
 def test_kl_matches_a_hand_computed_value():

@@ -8,7 +8,6 @@ import pytest
 
 from alignet_data import artifacts, checks, models, numeric_files
 from alignet_data.checks import InputError
-from alignet_data.human import things
 from alignet_data.teacher import embeddings
 from alignet_data.teacher.transform import Transform
 from pipelines import cli
@@ -149,9 +148,25 @@ def test_align_with_an_empty_features_npy_exits_1(tmp_path, capsys):
   assert code == 1 and "f.npy" in err and "is empty (0 bytes)" in err
 
 
-def test_read_array_still_reads_npz_by_key(tmp_path):
+def test_one_reader_rule_for_npz_keys_and_suffixes(tmp_path):
+  """numeric_files' rule, the same for every flag: .npz by preferred key, else its only array, else an error
+  listing its arrays (never a silent pick); any other suffix is text with whitespace or commas and # comments."""
   (tmp_path / "s.npz").write_bytes(_npz_bytes(other=np.zeros(2), probs=np.ones((2, 3))))
-  assert things.read_array(str(tmp_path / "s.npz"), ("probs",)).shape == (2, 3)
+  assert numeric_files.read_array(str(tmp_path / "s.npz"), npz_keys=("probs",)).shape == (2, 3)
+  with pytest.raises(InputError, match=r"s.npz: holds none of \['embeddings'\] and 2 arrays \['other', 'probs'\]"):
+    numeric_files.read_matrix(str(tmp_path / "s.npz"), npz_keys=("embeddings",))
+  (tmp_path / "one.npz").write_bytes(_npz_bytes(x=np.ones((4, 2))))
+  assert numeric_files.read_matrix(str(tmp_path / "one.npz"), npz_keys=("embeddings",)).shape == (4, 2)
+  (tmp_path / "m.csv").write_text("# a comment\n1,2,3\n4,5,6\n")
+  (tmp_path / "m.txt").write_text("1 2 3\n4 5 6  # trailing\n")
+  for name in ("m.csv", "m.txt"):
+    np.testing.assert_array_equal(numeric_files.read_matrix(str(tmp_path / name)), [[1, 2, 3], [4, 5, 6]])
+  assert numeric_files.is_array_file("x/m.CSV") and not numeric_files.is_array_file("runs/demo/embed")
+  (tmp_path / "nan.txt").write_text("1 nan\n")
+  with pytest.raises(InputError, match="nan.txt holds non-finite values"):
+    numeric_files.read_matrix(str(tmp_path / "nan.txt"))
+  with pytest.raises(FileNotFoundError, match="File not found: .*absent.npy"):
+    numeric_files.read_array(str(tmp_path / "absent.npy"))
 
 
 def test_evaluate_reads_an_npz_matrix_and_names_a_corrupt_one(tmp_path, capsys):

@@ -15,34 +15,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from alignet_data import triplet_math
+
 DEFAULT_TAU = 100.0
-
-# ODD_OF_PAIR in triplet_math: pair (0,1) leaves out item 2, (0,2) item 1, (1,2) item 0.
-_ODD_OF_PAIR = jnp.array([2, 1, 0])
-
-
-def pair_dots(z: jax.Array, normalize: bool = False) -> jax.Array:
-  """(B, 3, d) triplet representations -> (B, 3) dot products [s01, s02, s12]."""
-  if normalize:
-    z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-  return jnp.stack([
-      jnp.sum(z[:, 0] * z[:, 1], axis=-1),
-      jnp.sum(z[:, 0] * z[:, 2], axis=-1),
-      jnp.sum(z[:, 1] * z[:, 2], axis=-1),
-  ], axis=-1)
-
-
-def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-  """KL(p || q) per row from log-probabilities; rows where p = 0 contribute 0 (no 0 * -inf)."""
-  p = jnp.exp(log_p)
-  return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
-
 
 def kl_from_similarities(student_sims: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
   """KL(softmax(target_sims) || softmax(student_sims / tau)) per triplet, in nats."""
   log_p = jax.nn.log_softmax(target_sims.astype(jnp.float32), axis=-1)
   log_q = jax.nn.log_softmax(student_sims.astype(jnp.float32) / tau, axis=-1)
-  return _kl(log_p, log_q)
+  return triplet_math.kl_divergence_jax(log_p, log_q)
 
 
 def js_from_similarities(student_sims: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
@@ -50,7 +31,7 @@ def js_from_similarities(student_sims: jax.Array, target_sims: jax.Array, tau: f
   log_p = jax.nn.log_softmax(target_sims.astype(jnp.float32), axis=-1)
   log_q = jax.nn.log_softmax(student_sims.astype(jnp.float32) / tau, axis=-1)
   log_m = jnp.logaddexp(log_p, log_q) - jnp.log(2.0)  # Stays finite where p or q underflows to 0.
-  return 0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)
+  return 0.5 * triplet_math.kl_divergence_jax(log_p, log_m) + 0.5 * triplet_math.kl_divergence_jax(log_q, log_m)
 
 
 def contrastive_from_similarities(student_sims: jax.Array, target_sims: jax.Array,
@@ -77,12 +58,12 @@ def get_loss(name: str) -> Callable[..., jax.Array]:
 
 def kl_triplet_loss(z: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
   """The AligNet KL loss on (B, 3, d) student representations; (B,) values."""
-  return kl_from_similarities(pair_dots(z), target_sims, tau)
+  return kl_from_similarities(triplet_math.pair_similarities_jax(z), target_sims, tau)
 
 
 def js_triplet_loss(z: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_TAU) -> jax.Array:
   """The JS variant (the released SigLIP config uses it); (B,) values."""
-  return js_from_similarities(pair_dots(z), target_sims, tau)
+  return js_from_similarities(triplet_math.pair_similarities_jax(z), target_sims, tau)
 
 
 def triplet_agreement(student_sims: jax.Array, target_sims: jax.Array) -> jax.Array:
@@ -92,11 +73,4 @@ def triplet_agreement(student_sims: jax.Array, target_sims: jax.Array) -> jax.Ar
   happens with float similarities from real embeddings). A non-finite similarity on either side is wrong, never
   a hit (argmax would pick a NaN, and a NaN equals no maximum, so the tie check alone would not fire).
   """
-  def odd(s):
-    best = jnp.argmax(s, axis=-1)
-    tied = jnp.sum(s == jnp.max(s, axis=-1, keepdims=True), axis=-1) > 1
-    bad = tied | ~jnp.all(jnp.isfinite(s), axis=-1)
-    return jnp.where(bad, -1, _ODD_OF_PAIR[best])
-
-  student, teacher = odd(student_sims), odd(target_sims)
-  return ((student == teacher) & (teacher >= 0)).astype(jnp.float32)
+  return triplet_math.odd_one_out_correct_jax(student_sims, triplet_math.odd_one_out_jax(target_sims))

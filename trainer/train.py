@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alignet_data import artifacts
+from alignet_data import artifacts, triplet_math
 from alignet_data.checks import InputError
+from alignet_data.models import batching
 from trainer import input_pipeline, losses
 
 # Defaults are the demo's (tiny student, 2 CPU cores, ~1 minute): measured on the demo chain, 600 steps of 64
@@ -242,7 +243,7 @@ def train_step(state: TrainState, images: jax.Array, target_sims: jax.Array, *, 
   loss_fn = losses.get_loss(loss)
 
   def objective(params):
-    sims = losses.pair_dots(_triplet_representations(represent, params, images))
+    sims = triplet_math.pair_similarities_jax(_triplet_representations(represent, params, images))
     return jnp.mean(loss_fn(sims, target_sims, tau)), sims
 
   (value, sims), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -261,7 +262,7 @@ def train_step(state: TrainState, images: jax.Array, target_sims: jax.Array, *, 
 def eval_step(params: Any, images: jax.Array, target_sims: jax.Array, mask: jax.Array, *, represent: Callable,
               loss: str = "kl", tau: float = losses.DEFAULT_TAU) -> dict[str, jax.Array]:
   """Masked sums (loss, agreeing odd-one-out choices, count) over a padded batch. Pure: jit at the call site."""
-  sims = losses.pair_dots(_triplet_representations(represent, params, images))
+  sims = triplet_math.pair_similarities_jax(_triplet_representations(represent, params, images))
   return {
       "loss_sum": jnp.sum(losses.get_loss(loss)(sims, target_sims, tau) * mask),
       "correct": jnp.sum(losses.triplet_agreement(sims, target_sims) * mask),
@@ -355,18 +356,6 @@ def _save(manager, state: TrainState) -> None:
 # ------------------------------------------------------------------------------------- validation hooks
 
 
-def _embed_all(embed: Callable, params: Any, images: np.ndarray, preprocess: Callable, batch: int) -> np.ndarray:
-  """Representations of uint8 images in fixed-size (padded) batches: one compiled shape."""
-  out = []
-  for i in range(0, len(images), batch):
-    x = preprocess(images[i:i + batch])
-    n = len(x)
-    if n < batch:
-      x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
-    out.append(np.asarray(embed(params, x))[:n])
-  return np.concatenate(out)
-
-
 def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Callable], dict[str, float]]]:
   """Validation hooks on a demo world: name -> fn(embed_uint8) -> {metric: value}.
 
@@ -374,7 +363,7 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
   (coarse / fine / boundary; no-majority triplets excluded), as the evaluate stage computes it (without CIs).
   `things`: THINGS-like test accuracy (the human odd one out is item 2).
   """
-  from alignet_data import demo_world, triplet_math
+  from alignet_data import demo_world
   from alignet_data.evaluation import metrics
 
   unknown = set(names) - {"levels", "things"}
@@ -390,14 +379,14 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
 
     def levels_hook(embed):
       sims = triplet_math.triplet_similarities(embed(world.pool_images[pool_ids]), local)
-      correct = metrics.odd_one_out_correct(sims, majority)
+      correct = triplet_math.odd_one_out_correct(sims, majority)
       return {f"levels_{lv}_accuracy": float(correct[(levels == lv) & (majority >= 0)].mean())
               for lv in sorted(set(levels))}
     hooks["levels"] = levels_hook
   if "things" in names:
     def things_hook(embed):
       sims = triplet_math.triplet_similarities(embed(world.things_images), world.things_test)
-      return {"things_accuracy": float(metrics.odd_one_out_correct(sims, 2).mean())}
+      return {"things_accuracy": float(triplet_math.odd_one_out_correct(sims, 2).mean())}
     hooks["things"] = things_hook
   return hooks
 
@@ -491,7 +480,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
     result = {"val_loss": out["loss_sum"] / n, "val_triplet_accuracy": out["correct"] / n,
               "val_triplets": int(out["count"])}
     for hook in hooks.values():
-      result.update(hook(lambda imgs: _embed_all(embed_jit, params["encoder"], imgs, model.preprocess, eval_batch)))
+      result.update(hook(lambda imgs: batching.embed_padded(functools.partial(embed_jit, params["encoder"]), imgs,
+                                                               eval_batch, prepare=model.preprocess)))
     return result
 
   manager = _checkpoint_manager(ckpt_dir, int(config["keep_checkpoints"]))

@@ -170,13 +170,6 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_resamples: int = 100, size
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def odd_one_out_correct(similarities: np.ndarray, target_odd: np.ndarray) -> np.ndarray:
-  """(n,) 1.0 where the model's odd one out equals the target position; a model tie or a NaN/inf similarity is
-  wrong, even against a target of -1 (no majority), so an undefined answer is never a hit."""
-  model = triplet_math.odd_one_out(similarities)
-  return ((model == np.asarray(target_odd)) & (model >= 0)).astype(np.float64)
-
-
 def model_entropy(similarities: np.ndarray, tau: float = 1.0) -> np.ndarray:
   """(n,) Shannon entropy (nats) of softmax(similarities / tau) over the three pairs: the model's uncertainty."""
   return triplet_math.entropy(triplet_math.pair_probabilities(similarities, tau))
@@ -218,7 +211,7 @@ def levels_model(similarities: np.ndarray, choices: np.ndarray, levels: np.ndarr
   similarities = np.asarray(similarities)
   levels = np.asarray(levels)
   majority = majority_vote(choices)
-  correct = odd_one_out_correct(similarities, majority)
+  correct = triplet_math.odd_one_out_correct(similarities, majority)
   entropy = model_entropy(similarities, entropy_tau)
   log_rt = mean_log_rt(rt, max_rt) if rt is not None else None
   out: dict[str, Any] = {}
@@ -245,7 +238,7 @@ def levels_model(similarities: np.ndarray, choices: np.ndarray, levels: np.ndarr
 def things_accuracy(similarities: np.ndarray, *, n_resamples: int = 100, size: int = 1000,
                     seed: int = 0) -> dict[str, Any]:
   """THINGS-style accuracy: triplets are stored (i, j, odd), so the human odd one out is item 2."""
-  return _accuracy(odd_one_out_correct(similarities, 2), n_resamples, size, seed)
+  return _accuracy(triplet_math.odd_one_out_correct(similarities, 2), n_resamples, size, seed)
 
 
 def things_soft(similarities: np.ndarray, human_probs: np.ndarray, *, tau: float = 1.0, n_resamples: int = 100,
@@ -264,8 +257,7 @@ def things_soft(similarities: np.ndarray, human_probs: np.ndarray, *, tau: float
   if (p < 0).any() or not np.allclose(p.sum(-1), 1.0, atol=1e-3):
     raise ValueError("Soft labels must be probabilities over the three pairs (non-negative, rows summing to 1).")
   logq = triplet_math.log_softmax(s / tau)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    kl = np.where(p > 0, p * (np.log(p) - logq), 0.0).sum(-1)
+  kl = triplet_math.kl_divergence_log(p, logq)
   q = np.exp(logq)
 
   def corr(fn: Callable[..., Any]) -> Callable[[np.ndarray, np.ndarray], float]:

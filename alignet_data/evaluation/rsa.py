@@ -14,7 +14,6 @@ pairs that share a stimulus are not independent.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Any
 
@@ -123,14 +122,8 @@ def _read(url: str) -> bytes:
 
 
 def load_matrix(url: str) -> np.ndarray:
-  """A square matrix from .npy or whitespace/comma-separated text."""
-  data = _read(url)
-  if url.endswith(".npy"):
-    m = numeric_files.load_npy(io.BytesIO(data), url, what="numeric .npy matrix")
-  else:
-    text = data.decode()
-    m = np.loadtxt(io.StringIO(text), delimiter="," if "," in text.splitlines()[0] else None, ndmin=2)
-  return np.asarray(m, np.float64)
+  """A human matrix by `numeric_files`' rule (.npy/.npz/text); its diagonal may be missing (checked later)."""
+  return np.asarray(numeric_files.read_matrix(url, what="square matrix", finite=False), np.float64)
 
 
 def load_human(matrix_url: str, stimuli_url: str, kind: str = "rsm") -> HumanMatrix:

@@ -7,11 +7,12 @@ student trainer feeds students: cubic resize straight to 224 (no crop) and value
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from alignet_data.models import preprocessing
+from alignet_data.models import batching, preprocessing
 
 SIGNATURE = "serving_default"
 INPUT = "images"
@@ -58,10 +59,10 @@ class SavedModelEncoder:
     out = self._fn(**{INPUT: self._tf.constant(np.asarray(x, np.float32))})[OUTPUT]
     return np.asarray(out.numpy(), np.float32).reshape(len(x), -1)
 
-  def embed(self, images_uint8: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    outs = [self.embed_preprocessed(self.preprocess(images_uint8[i:i + batch_size]))
-            for i in range(0, len(images_uint8), batch_size)]
-    return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+  def embed(self, images_uint8: np.ndarray, batch_size: int = 64,
+            progress: Callable[[int], Any] | None = None) -> np.ndarray:
+    return batching.embed_padded(self.embed_preprocessed, images_uint8, min(batch_size, max(len(images_uint8), 1)),
+                                 prepare=self.preprocess, dim=self.dim, progress=progress)
 
 
 def load(path: str) -> SavedModelEncoder:

@@ -74,30 +74,6 @@ def validate_triplets(triplets: np.ndarray, n_objects: int | None = None, name: 
   return arr
 
 
-def read_array(url: str, npz_keys: tuple[str, ...] = ()) -> np.ndarray:
-  """A numeric array from a .npy, a .npz (the first of `npz_keys` it holds, else its first array) or a
-  whitespace-separated text file, on any fsspec filesystem; clear errors for missing, empty or unparsable files."""
-  fs, path = artifacts.url_to_fs(url)
-  if not fs.isfile(path):
-    raise FileNotFoundError(f"File not found: {url}")
-  with fs.open(path, "rb") as f:
-    data = f.read()
-  if path.endswith((".npy", ".npz")):
-    loaded = numeric_files.load(io.BytesIO(data), url)
-    if isinstance(loaded, np.ndarray):
-      return loaded
-    if not loaded:
-      raise InputError(f"{url}: holds no arrays.")
-    return loaded[next((k for k in npz_keys if k in loaded), next(iter(loaded)))]
-  text = data.decode("utf-8", errors="replace")
-  if not text.strip():
-    raise ValueError(f"{url}: is empty; give a file with at least one row.")
-  try:
-    return np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2)
-  except ValueError as e:
-    raise ValueError(f"{url}: cannot parse as whitespace-separated numeric columns: {e}") from e
-
-
 SOFT_LABELS = "soft_labels.npz"  # In a `human` artifact: train/test triplets and their soft labels p*.
 
 
@@ -125,7 +101,7 @@ def read_soft_labels(human_url: str, n_objects: int | None = None) -> dict[str, 
 
 def read_triplet_file(url: str, n_objects: int | None = None) -> TripletFile:
   """Load and validate a triplet file (.npy or text; 3 columns, or 4 with a subject id)."""
-  arr = read_array(url)
+  arr = numeric_files.read_array(url, what="triplet array (i, j, odd[, subject])")
   if arr.ndim == 2 and arr.shape[1] == 4 and arr.shape[0] > 0:
     subjects = arr[:, 3]
     if np.issubdtype(subjects.dtype, np.number) and not np.issubdtype(subjects.dtype, np.integer):

@@ -32,6 +32,8 @@ import numpy as np
 import optax
 from scipy import special
 
+from alignet_data import triplet_math
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 PRUNE_MODES = ("converged", "always", "never")
 MODELS = ("vice", "spose")
@@ -109,34 +111,20 @@ def init_params(n_objects: int, dims: int, seed: int, model: str = "vice") -> di
   return {"loc": loc, "log_scale": jnp.full_like(loc, -1.0 / jnp.std(loc))}
 
 
-def pair_logits(embedding: jax.Array, triplets: jax.Array) -> jax.Array:
-  """[s01, s02, s12] dot products of index triplets into an (m, d) embedding."""
-  x = embedding[triplets]
-  return jnp.stack([jnp.sum(x[:, 0] * x[:, 1], -1), jnp.sum(x[:, 0] * x[:, 2], -1),
-                    jnp.sum(x[:, 1] * x[:, 2], -1)], axis=-1)
-
-
-def choice_correct(logits: jax.Array, pair: int = 0) -> jax.Array:
-  """1 where `pair` is the unique argmax (ties count as wrong), else 0."""
-  top = jnp.max(logits, axis=-1)
-  return ((logits[:, pair] == top) & (jnp.sum(logits == top[:, None], -1) == 1)).astype(jnp.float32)
-
-
 def loss_fn(params: dict[str, jax.Array], key: jax.Array, triplets: jax.Array, weights: jax.Array, n_train: int,
             pi: float, spike: float, slab: float) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Negative ELBO per triplet on one batch (padded rows carry weight 0)."""
   loc, scale = params["loc"], jnp.exp(params["log_scale"])
   eps = jax.random.normal(key, loc.shape, loc.dtype)
   x = loc + scale * eps
-  logits = pair_logits(jax.nn.relu(x), triplets)
-  nll_rows = -jax.nn.log_softmax(logits, axis=-1)[:, 0]
+  logits = triplet_math.triplet_similarities_jax(jax.nn.relu(x), triplets)
   denom = jnp.maximum(weights.sum(), 1.0)
-  nll = jnp.sum(weights * nll_rows) / denom
+  nll = jnp.sum(weights * triplet_math.human_pair_nll_jax(logits)) / denom
   # log q(x) with x = loc + scale * eps is -eps^2 / 2 - log scale - log sqrt(2 pi): the same value and gradients
   # as log_normal(x, loc, scale), without recomputing (x - loc) / scale.
   log_q = -0.5 * eps ** 2 - params["log_scale"] - _LOG_SQRT_2PI
   complexity = jnp.sum(log_q - log_spike_and_slab(x, pi, spike, slab)) / n_train
-  acc = jnp.sum(weights * choice_correct(logits)) / denom
+  acc = jnp.sum(weights * triplet_math.odd_one_out_correct_jax(logits)) / denom
   return nll + complexity, {"nll": nll, "complexity": complexity, "accuracy": acc}
 
 
@@ -144,11 +132,11 @@ def spose_loss_fn(params: dict[str, jax.Array], triplets: jax.Array, weights: ja
                   lmbda: float) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SPoSE's objective on one batch: NLL of the human pair + lmbda / n_objects * ||W||_1 (W kept >= 0)."""
   w = params["loc"]
-  logits = pair_logits(w, triplets)
+  logits = triplet_math.triplet_similarities_jax(w, triplets)
   denom = jnp.maximum(weights.sum(), 1.0)
-  nll = jnp.sum(weights * -jax.nn.log_softmax(logits, axis=-1)[:, 0]) / denom
+  nll = jnp.sum(weights * triplet_math.human_pair_nll_jax(logits)) / denom
   complexity = lmbda / n_objects * jnp.sum(jnp.abs(w))
-  acc = jnp.sum(weights * choice_correct(logits)) / denom
+  acc = jnp.sum(weights * triplet_math.odd_one_out_correct_jax(logits)) / denom
   return nll + complexity, {"nll": nll, "complexity": complexity, "accuracy": acc}
 
 
@@ -238,7 +226,8 @@ def converged(dims_history: list[int], ws: int) -> bool:
 def _predictive(loc, scale, triplets, key, samples):
   def body(r, total):
     eps = jax.random.normal(jax.random.fold_in(key, r), loc.shape, loc.dtype)
-    return total + jax.nn.softmax(pair_logits(jax.nn.relu(loc + scale * eps), triplets), axis=-1)
+    sims = triplet_math.triplet_similarities_jax(jax.nn.relu(loc + scale * eps), triplets)
+    return total + jax.nn.softmax(sims, axis=-1)
   total = jax.lax.fori_loop(0, samples, body, jnp.zeros((triplets.shape[0], 3), jnp.float32))
   return total / samples
 
@@ -263,16 +252,6 @@ def posterior_predictive(loc: np.ndarray, scale: np.ndarray, triplets: np.ndarra
     padded[:len(part)] = part
     out[start:start + len(part)] = np.asarray(_predictive(loc, scale, jnp.asarray(padded), key, samples))[:len(part)]
   return out
-
-
-def accuracy(probs: np.ndarray, pair: int = 0) -> float:
-  """Fraction of rows whose unique argmax is `pair` (the human pair of stored triplets; ties wrong)."""
-  return float(np.mean(np.asarray(choice_correct(jnp.asarray(probs), pair)))) if len(probs) else float("nan")
-
-
-def nll(probs: np.ndarray, pair: int = 0) -> float:
-  """Mean -log p of the human pair."""
-  return float(np.mean(-np.log(np.maximum(np.asarray(probs, np.float64)[:, pair], 1e-12))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,7 +318,7 @@ def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
     if val_triplets is not None and len(val_triplets) and (epoch % max(cfg.eval_every, 1) == 0
                                                            or epoch == cfg.epochs):
       p = posterior_predictive(loc, scale, val_triplets, 1 if cfg.model == "spose" else cfg.val_samples, cfg.seed)
-      record["val_accuracy"], record["val_nll"] = accuracy(p), nll(p)
+      record["val_accuracy"], record["val_nll"] = triplet_math.odd_one_out_accuracy(p), triplet_math.human_pair_nll(p)
       if record["val_nll"] < best[0]:
         best, since_best = (record["val_nll"], (params, epoch)), 0
       else:

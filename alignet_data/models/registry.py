@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignet_data.models import checkpoints, configs, hf_siglip, preprocessing
+from alignet_data.models import batching, checkpoints, configs, hf_siglip, preprocessing
 from alignet_data.models.vit import ViT
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
@@ -48,12 +48,16 @@ class LoadedModel:
     """`module.apply` on preprocessed images: (logits, out)."""
     return self.module.apply({"params": params}, images, train=train, rngs=rngs)
 
-  def embed(self, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """uint8 NHWC images -> (B, dim) float32 representations (the config's `representation`)."""
-    fn = _jitted(self.embed_fn)
-    outs = [np.asarray(fn(self.params, self.preprocess(images_uint8[i:i + batch_size])))
-            for i in range(0, len(images_uint8), batch_size)]
-    return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+  def embed_preprocessed(self, x: np.ndarray) -> np.ndarray:
+    """Preprocessed images -> (B, dim) float32 representations (jitted, compiled once per batch shape)."""
+    return np.asarray(_jitted(self.embed_fn)(self.params, x))
+
+  def embed(self, images_uint8: np.ndarray, batch_size: int = 256,
+            progress: Callable[[int], Any] | None = None) -> np.ndarray:
+    """uint8 NHWC images -> (B, dim) float32 representations (the config's `representation`), in padded batches
+    of min(batch_size, B) rows."""
+    return batching.embed_padded(self.embed_preprocessed, images_uint8, min(batch_size, max(len(images_uint8), 1)),
+                                 prepare=self.preprocess, dim=self.dim, progress=progress)
 
 
 @functools.lru_cache(maxsize=16)

@@ -35,7 +35,6 @@ import optax
 
 from alignet_data import triplet_math
 from alignet_data.human import things
-from alignet_data.human.vice import choice_correct
 from alignet_data.teacher.transform import Transform
 
 DEFAULT_LAMBDAS = (1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
@@ -98,8 +97,7 @@ def transform(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
 
 def hard_loss(logits: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """Mean NLL of the human pair, pair 0 of stored (i, j, odd) triplets."""
-  rows = -jax.nn.log_softmax(logits, axis=-1)[:, 0]
-  return _mean(rows, weights)
+  return _mean(triplet_math.human_pair_nll_jax(logits), weights)
 
 
 def soft_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -110,8 +108,7 @@ def soft_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None =
 
 def kl_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """Mean KL(p* || q): the soft loss minus the (constant) entropy of p*."""
-  logp = jnp.log(jnp.where(targets > 0, targets, 1.0))
-  rows = jnp.sum(targets * (logp - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
+  rows = triplet_math.kl_divergence_jax(jnp.log(targets), jax.nn.log_softmax(logits, axis=-1))
   return _mean(rows, weights)
 
 
@@ -133,12 +130,6 @@ def regulariser(weights: jax.Array, lam: float | jax.Array, target: str = "ident
   return lam * jnp.sum((weights - t) ** 2)
 
 
-def _gather_pairs(sims: jax.Array, triplets: jax.Array) -> jax.Array:
-  """[s01, s02, s12] of (i, j, k) triplets from an (m, m) similarity matrix."""
-  i, j, k = triplets[:, 0], triplets[:, 1], triplets[:, 2]
-  return jnp.stack([sims[i, j], sims[i, k], sims[j, k]], axis=-1)
-
-
 def uses_gram(n_objects: int, dim: int, n_triplets: int) -> bool:
   """Whether transforming all objects and taking their Gram matrix (m p^2 + m^2 p multiply-adds) is cheaper than
   transforming the 3n rows of the triplets (3n p^2). The Gram path also avoids XLA's slow row scatter-add in the
@@ -150,10 +141,9 @@ def triplet_logits(params: dict[str, jax.Array], features: jax.Array, triplets: 
   """[s01, s02, s12] of transformed features, by whichever path is cheaper (see `uses_gram`)."""
   if uses_gram(features.shape[0], features.shape[1], triplets.shape[0]):
     x = transform(params, features)
-    return _gather_pairs(x @ x.T, triplets)
+    return triplet_math.matrix_similarities_jax(x @ x.T, triplets)
   x = transform(params, features[triplets.reshape(-1)]).reshape(*triplets.shape, -1)
-  return jnp.stack([jnp.sum(x[:, 0] * x[:, 1], -1), jnp.sum(x[:, 0] * x[:, 2], -1),
-                    jnp.sum(x[:, 1] * x[:, 2], -1)], axis=-1)
+  return triplet_math.pair_similarities_jax(x)
 
 
 def penalty(params: dict[str, jax.Array], lam: float | jax.Array, target: str = "identity",
@@ -198,8 +188,9 @@ def _grads(params, features, triplets, targets, weights, lam, target, regularise
       return objective(p, features, triplets, targets, weights, lam, target, regularise_bias), jnp.float32(0)
     x = transform(p, features)
     sims = x @ x.T
-    loss = soft_loss(_gather_pairs(sims, triplets), targets, weights) + penalty(p, lam, target, regularise_bias)
-    return loss, soft_loss(_gather_pairs(jax.lax.stop_gradient(sims), val[0]), val[1], val[2])
+    loss = soft_loss(triplet_math.matrix_similarities_jax(sims, triplets), targets, weights)
+    val_sims = triplet_math.matrix_similarities_jax(jax.lax.stop_gradient(sims), val[0])
+    return loss + penalty(p, lam, target, regularise_bias), soft_loss(val_sims, val[1], val[2])
 
   (_, val_loss), grads = jax.value_and_grad(f, has_aux=True)(params)
   if not use_bias:
@@ -255,7 +246,7 @@ def _minibatch_steps(params, opt_state, features, batches, targets, weights, lam
 
 def _evaluate(params, features, triplets, targets, weights):
   logits = triplet_logits(params, features, triplets)
-  return soft_loss(logits, targets, weights), _mean(choice_correct(logits), weights)
+  return soft_loss(logits, targets, weights), _mean(triplet_math.odd_one_out_correct_jax(logits), weights)
 
 
 _evaluate_one = jax.jit(_evaluate)
@@ -476,7 +467,7 @@ def evaluate(features: np.ndarray, triplets: np.ndarray, soft_labels: np.ndarray
   labels are given, of dot products of (already transformed) features on (i, j, odd) triplets."""
   sims = triplet_math.triplet_similarities(np.asarray(features, np.float64), triplets)
   logq = triplet_math.log_softmax(sims)
-  out = {"accuracy": triplet_math.odd_one_out_accuracy(sims), "nll": float(-logq[:, 0].mean())}
+  out = {"accuracy": triplet_math.odd_one_out_accuracy(sims), "nll": float(-logq[:, triplet_math.HUMAN_PAIR].mean())}
   if soft_labels is not None:  # From log q directly: raw features can underflow q to 0 (an infinite KL).
     p = np.asarray(soft_labels, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from alignet_data import triplet_math
-from alignet_data.human import spose, things, vice
+from alignet_data.human import spose, things
 
 
 def _simulated(beta=2.5, n_objects=40, n=6000, seed=0):
@@ -27,7 +27,7 @@ def test_fitted_temperature_recovers_the_simulated_one():
   p = spose.predict(emb, trip, beta)
   assert p.dtype == np.float32 and np.allclose(p.sum(1), 1.0, atol=1e-5)
   # The fitted beta is the likelihood's optimum: better than beta = 1 and than a 20% change either way.
-  nll = lambda b: vice.nll(spose.predict(emb, trip, b))
+  nll = lambda b: triplet_math.human_pair_nll(spose.predict(emb, trip, b))
   assert nll(beta) < min(nll(1.0), nll(0.8 * beta), nll(1.2 * beta))
 
 
@@ -58,5 +58,5 @@ def test_published_spose_on_real_triplets(shared_data):
   train = things.load_triplets(str(root / "triplets_127k_subjects.txt"), things.N_THINGS)[:20000]
   beta = spose.fit_temperature(emb, train)
   p = spose.predict(emb, test, beta)
-  assert abs(vice.accuracy(p) - 0.6405) < 0.001  # SOURCES.md: 64.05%.
-  assert vice.nll(p) < math.log(3) - 0.2
+  assert abs(triplet_math.odd_one_out_accuracy(p) - 0.6405) < 0.001  # SOURCES.md: 64.05%.
+  assert triplet_math.human_pair_nll(p) < math.log(3) - 0.2
