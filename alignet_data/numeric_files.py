@@ -119,7 +119,8 @@ def read_array(url: str, *, npz_keys: tuple[str, ...] = (), what: str = "numeric
     return np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2, comments="#",
                       delimiter="," if "," in lines[0] else None)
   except ValueError as e:
-    raise InputError(f"{url}: cannot parse as numeric columns separated by whitespace or commas: {e}") from None
+    raise InputError(f"{url}: cannot parse as a {what} (text: numbers separated by whitespace or commas): {e}"
+                     ) from None
 
 
 def is_array_file(url: str) -> bool:

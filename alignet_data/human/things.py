@@ -172,12 +172,12 @@ def load_concepts(root: str) -> Concepts:
 
 def load_sortindex(url: str, n_objects: int | None = None) -> np.ndarray:
   """The THINGS `sortindex` file: a permutation p with canonical embedding = upload embedding[p]."""
-  try:
-    p = np.loadtxt(io.StringIO(_read_text(url)), dtype=np.int64, ndmin=1)
-  except ValueError as e:
-    raise ValueError(f"{url}: a sortindex is one integer per line ({e}).") from e
+  p = numeric_files.read_array(url, what="sortindex (one integer per line)")
+  p = p[:, 0] if p.ndim == 2 and p.shape[1] == 1 else p
   if p.ndim != 1 or not np.array_equal(np.sort(p), np.arange(len(p))):
-    raise ValueError(f"{url}: not a 0-based permutation of {len(p)} indices; is it the THINGS sortindex file?")
+    raise ValueError(f"{url}: not a 0-based permutation of {len(p)} indices, one per line; is it the THINGS "
+                     "sortindex file?")
+  p = p.astype(np.int64)
   if n_objects is not None and len(p) != n_objects:
     raise ValueError(f"{url}: has {len(p)} entries, the data has {n_objects} objects.")
   return p
