@@ -395,7 +395,8 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_model):
   cfg = {**train.DEFAULTS, "steps": 10, "warmup_steps": 0}
   tx = train.make_optimizer(cfg)
   params = train.init_params(tiny_model.params, tiny_model.dim, 4, jax.random.PRNGKey(0))
-  f32_sims = triplet_math.pair_similarities_jax(train._triplet_representations(train.make_represent(tiny_model.embed_fn), params, x))
+  represent = train.make_represent(tiny_model.embed_fn)
+  f32_sims = triplet_math.pair_similarities_jax(train._triplet_representations(represent, params, x))
   f32_loss = float(jnp.mean(losses.kl_from_similarities(f32_sims, sims, 1.0)))
   step = jax.jit(functools.partial(train.train_step, tx=tx, tau=1.0,
                                    represent=train.make_represent(tiny_model.embed_fn, jnp.bfloat16)))
