@@ -17,12 +17,10 @@ the dead-letter file is sorted. Extra command-line flags are Beam `PipelineOptio
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -32,8 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from alignet_data import artifacts
 from alignet_data.checks import InputError, check_name
-from alignet_data.models import batching
-from alignet_data.teacher import embeddings, image_sources
+from alignet_data.teacher import embed_blocks, embeddings, image_sources
 
 __all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_from_args", "default_config",
            "input_urls", "parse_source_flags", "run"]
@@ -166,59 +163,7 @@ def _check_config(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure parts (no Beam): embedding a block with a fixed batch shape, cutting blocks into shard pieces.
-
-
-@dataclasses.dataclass
-class EmbeddedBlock:
-  split: str
-  ids: np.ndarray         # (n,) int64
-  labels: np.ndarray      # (n,) int64
-  file_names: np.ndarray  # (n,) str
-  vectors: np.ndarray     # (n, dim) float32
-
-
-def preprocess_block(model: Any, images: Any) -> np.ndarray:
-  """uint8 images (stacked, or a list of different sizes) -> the model's float32 (n, s, s, 3) input."""
-  if isinstance(images, np.ndarray):
-    return model.preprocess(images)
-  return np.concatenate([model.preprocess(im[None]) for im in images])
-
-
-def split_by_shard(block: EmbeddedBlock, ids_per_shard: int) -> Iterable[tuple[tuple[str, int], EmbeddedBlock]]:
-  shard = embeddings.shard_of(block.ids, ids_per_shard)
-  for s in np.unique(shard):
-    sel = shard == s
-    yield (block.split, int(s)), EmbeddedBlock(block.split, block.ids[sel], block.labels[sel],
-                                               block.file_names[sel], block.vectors[sel])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Beam shell.
-
-
-@dataclasses.dataclass
-class _Loaded:
-  model: Any
-  fn: Callable
-  params: Any
-
-
-def compile_embed(model: Any, compute_dtype: str = "auto") -> tuple[Callable, Any]:
-  """(jitted fn(params, x) -> float32 vectors, params to call it with). bfloat16 casts the parameters once and
-  each batch on the way in (the accelerator's fast path; accumulations stay as XLA does them); "auto" picks it
-  where the default JAX backend is not the CPU."""
-  import jax
-  import jax.numpy as jnp
-  if compute_dtype == "auto":
-    compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  if compute_dtype == "float32":
-    return jax.jit(model.embed_fn), model.params
-  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), model.params)
-
-  def fn(p: Any, x: Any) -> Any:
-    return model.embed_fn(p, jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32)
-  return jax.jit(fn), params
+# Beam shell around the pure parts (alignet_data.teacher.embed_blocks).
 
 
 class JaxEmbedHandler(inference.ModelHandler):
@@ -236,24 +181,21 @@ class JaxEmbedHandler(inference.ModelHandler):
     self.load_fn = load_fn
     self.compute_dtype = compute_dtype
 
-  def load_model(self) -> _Loaded:
+  def load_model(self) -> embed_blocks.CompiledModel:
     if self.load_fn is not None:
       model = self.load_fn(self.model_spec)
     else:
       from alignet_data import models
       model = models.load_model(self.model_spec)
-    return _Loaded(model, *compile_embed(model, self.compute_dtype))
+    return embed_blocks.CompiledModel.compile(model, self.compute_dtype)
 
-  def run_inference(self, batch: Sequence[image_sources.ImageBlock], model: _Loaded,
-                    inference_args: dict[str, Any] | None = None) -> list[EmbeddedBlock]:
+  def run_inference(self, batch: Sequence[image_sources.ImageBlock], model: embed_blocks.CompiledModel,
+                    inference_args: dict[str, Any] | None = None) -> list[embed_blocks.EmbeddedBlock]:
     out = []
     for block in batch:
-      x = preprocess_block(model.model, block.images)
-      vectors = batching.embed_padded(functools.partial(model.fn, model.params), x, self.batch_size)
-      vectors = vectors.astype(np.float32, copy=False)
+      out.append(embed_blocks.embed_block(model, block, self.batch_size))
       beam.metrics.Metrics.counter(NAMESPACE, "images").inc(len(block))
       beam.metrics.Metrics.counter(NAMESPACE, "batches").inc(-(-len(block) // self.batch_size))
-      out.append(EmbeddedBlock(block.split, block.ids, block.labels, block.file_names, vectors))
     return out
 
   def get_num_bytes(self, batch: Sequence[image_sources.ImageBlock]) -> int:
@@ -270,34 +212,6 @@ def _read_blocks(task: image_sources.ReadTask, sources: dict[str, image_sources.
     yield beam.pvalue.TaggedOutput("failed", failure)
   for start in range(0, len(block), batch_size):
     yield block.take(start, start + batch_size)
-
-
-def _write_shard(keyed: tuple[tuple[str, int], Iterable[EmbeddedBlock | None]], shard_dir: str,
-                 num_shards: dict[str, int], dim: int, dtype: str) -> tuple[str, int, int]:
-  (split, shard), pieces = keyed
-  if dim == 0:  # No image of any split decoded: nothing to write; `_finish` says so, naming the dead letters.
-    return split, shard, 0
-  pieces = [p for p in pieces if p is not None]
-  if pieces:
-    ids = np.concatenate([p.ids for p in pieces])
-    labels = np.concatenate([p.labels for p in pieces])
-    names = np.concatenate([p.file_names for p in pieces])
-    vectors = np.concatenate([p.vectors for p in pieces])
-  else:
-    ids, labels, names, vectors = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, str),
-                                   np.zeros((0, dim), np.float32))
-  n = num_shards[split]
-  name = embeddings.shard_name(split, shard, n).split("/", 1)[1]
-  rows = embeddings.write_shard(artifacts.join(shard_dir, name), ids, labels, names, vectors, dim, dtype)
-  return split, shard, rows
-
-
-def _write_dead_letter(failures: list[image_sources.DecodeFailure], url: str) -> int:
-  fs, path = artifacts.url_to_fs(url)
-  lines = [json.dumps(f.to_json(), sort_keys=True) + "\n" for f in sorted(failures, key=lambda f: (f.split, f.id))]
-  with fs.open(path, "wb") as f:
-    f.write("".join(lines).encode())
-  return len(lines)
 
 
 class EmbedImages(beam.PTransform):
@@ -328,17 +242,18 @@ class EmbedImages(beam.PTransform):
     dim = (embedded
            | "Dim" >> beam.Map(lambda b: b.vectors.shape[1])
            | "MaxDim" >> beam.CombineGlobally(lambda dims: max(dims, default=0)))  # int (0: nothing decoded)
-    pieces = embedded | "ByShard" >> beam.FlatMap(split_by_shard, self.rows_per_shard)  # ((split, shard), block)
+    pieces = (embedded
+              | "ByShard" >> beam.FlatMap(embed_blocks.split_by_shard, self.rows_per_shard))  # ((split, shard), block)
     every_shard = pbegin | "AllShards" >> beam.Create(
         [((split, i), None) for split in sorted(num_shards) for i in range(num_shards[split])])
     shards = ((pieces, every_shard)
               | "Flatten" >> beam.Flatten()
               | "GroupShards" >> beam.GroupByKey()  # ((split, shard), [EmbeddedBlock | None])
-              | "WriteShards" >> beam.Map(_write_shard, self.shard_dir, num_shards, beam.pvalue.AsSingleton(dim),
-                                          self.dtype))  # (split, shard, rows)
+              | "WriteShards" >> beam.Map(embed_blocks.write_shard, self.shard_dir, num_shards,
+                                          beam.pvalue.AsSingleton(dim), self.dtype))  # (split, shard, rows)
     dead = (read.failed
             | "CollectFailures" >> beam.combiners.ToList()  # [DecodeFailure]
-            | "WriteDeadLetter" >> beam.Map(_write_dead_letter, self.dead_letter_url))  # count
+            | "WriteDeadLetter" >> beam.Map(embed_blocks.write_dead_letter, self.dead_letter_url))  # count
     return {"shards": shards, "dead_letter": dead}
 
 
@@ -386,21 +301,12 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
 def _finish(config: dict[str, Any], sources: dict[str, image_sources.ImageSource], writer: artifacts.ArtifactWriter,
             counters: dict[str, int]) -> dict[str, Any]:
   """Index and report from what was written (authoritative on any runner, metrics or not)."""
-  import pyarrow.parquet as pq
   with writer.open(DEAD_LETTER, "rb") as f:
     failures = [json.loads(line) for line in f.read().decode().splitlines()]
   entries, per_split = {}, {}
   for split, src in sorted(sources.items()):
     n = embeddings.num_shards(len(src), config["rows_per_shard"])
-    rows, dim = 0, 0
-    for i in range(n):
-      name = embeddings.shard_name(split, i, n)
-      if not writer.fs.exists(writer.local_path(name)):  # Not written: no image of any split decoded.
-        continue
-      with writer.open(name, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-        rows += meta.num_rows
-        dim = meta.schema.to_arrow_schema().field("embedding").type.list_size
+    rows, dim = embed_blocks.written_rows(writer, split, n)
     dead = [f for f in failures if f["split"] == split]
     if rows == 0:
       examples = "; ".join(f"{f['file_name']}: {f['reason']}" for f in dead[:3])

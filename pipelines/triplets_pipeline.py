@@ -12,17 +12,14 @@ Elements are blocks of triplet ids, never single triplets: one per output shard,
                                                   files, its npz parts and its stats
 
 so no triplet data crosses a shuffle: at 10^7 triplets the pipeline moves 100 small specs, not 4 GB of rows.
-Row r of a split is triplet id ``base(split) + r`` (train base 0, valid base 2^40: disjoint ids, and the valid
-split does not change when --num does), drawn by strategy s from an RNG keyed by (seed, s, id). Strategies of
-a mix take consecutive row ranges (in name order). Shard i of a split holds its rows [b_i, b_{i+1}) in row
-order, so every file's bytes are fixed by the config alone: any runner, worker count or block size writes the
-same bytes. Consumers shuffle (the trainer does). The released-layout npz (``npz`` in formats) is streamed
-from the shards' parts after the pipeline, never held whole in memory.
+Which triplet ids, strategies and rows each shard holds is fixed by the config alone (the plan,
+`alignet_data.dataset.triplet_plan`), so any runner, worker count or block size writes the same bytes; making a
+shard is `alignet_data.dataset.triplet_blocks`. Consumers shuffle (the trainer does). The released-layout npz
+(``npz`` in formats) is streamed from the shards' parts after the pipeline, never held whole in memory.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import threading
 import time
@@ -33,15 +30,12 @@ import numpy as np
 
 from alignet_data import artifacts
 from alignet_data.checks import check_name
-from alignet_data.dataset import clustering, labelling, sampling, shards
-from alignet_data.teacher import embeddings
-from alignet_data.teacher.transform import Transform
+from alignet_data.dataset import sampling, shards, triplet_blocks, triplet_plan
 from pipelines import stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "SampleTriplets"]
 
 STAGE = "triplets"
-VALID_ID_BASE = 1 << 40
 FORMATS = ("parquet", "tfrecord", "npz")
 _STATS_DIR = "_shard_stats"
 _NPZ_PARTS = "_npz_parts"
@@ -105,191 +99,30 @@ def input_urls(config: dict[str, Any]) -> dict[str, str]:
   return urls
 
 
-# ------------------------------------------------------------------------------------------------- The plan
-
-
-def split_sizes(config: dict[str, Any]) -> dict[str, int]:
-  return {"train": int(config["num"]), "valid": int(config["num_valid"])}
-
-
-def split_shards(config: dict[str, Any]) -> dict[str, int]:
-  return {"train": int(config["num_shards"]), "valid": int(config["num_valid_shards"])}
-
-
-def strategy_ranges(config: dict[str, Any]) -> dict[str, list[tuple[str, int, int]]]:
-  """Per split: (strategy, first row, end row), consecutive, in strategy-name order."""
-  weights = sampling.parse_strategy(config["strategy"])
-  out = {}
-  for split, n in split_sizes(config).items():
-    start, ranges = 0, []
-    for name, count in sampling.allocate(n, weights).items():
-      if count:
-        ranges.append((name, start, start + count))
-      start += count
-    out[split] = ranges
-  return out
-
-
-def id_base(split: str) -> int:
-  return 0 if split == "train" else VALID_ID_BASE
-
-
-# --------------------------------------------------------------------------------------- Loaded inputs
-
-
-@dataclasses.dataclass
-class TripletInputs:
-  """Everything a worker needs to make blocks: loaded once per process from the config's URLs."""
-  emb: embeddings.Embeddings
-  vectors: np.ndarray            # (n, d) teacher vectors the labels come from (transformed or raw).
-  raw_vectors: np.ndarray | None  # (n, d0) raw vectors when a transform is applied, for the changed-odd count.
-  clusters: np.ndarray | None    # (n,) cluster per row.
-  k: int | None
-  samplers: dict[str, sampling.TripletSampler]
-
-  @classmethod
-  def load(cls, config: dict[str, Any]) -> TripletInputs:
-    emb = embeddings.load(config["embeddings"], config["split"])
-    if len(emb) < 3:
-      raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} has {len(emb)} rows; "
-                       "triplets need at least 3.")
-    raw = emb.vectors  # NaN/inf refused by the readers (embeddings, transform) and by transform_rows.
-    what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config.get('transform')}"
-    vectors = clustering.transform_rows(Transform.load(config["transform"]), raw, what=what) \
-        if config.get("transform") else raw
-    clusters = k = None
-    if config.get("clusters"):
-      cl = clustering.load(config["clusters"])
-      clusters, k = cl.for_ids(emb.ids), cl.k
-    samplers = {}
-    for name in sampling.parse_strategy(config["strategy"]):
-      group = sampling.GROUPED.get(name)
-      groups = None
-      if group == "clusters":
-        if clusters is None:
-          raise ValueError(f"Strategy {name!r} needs clusters: pass --clusters (a cluster artifact URL).")
-        groups = clusters
-      elif group == "labels":
-        if (emb.labels < 0).all():
-          raise ValueError(f"Strategy {name!r} needs class labels, but embeddings {config['embeddings']} "
-                           f"split {config['split']!r} has none; use cluster_boundary or random.")
-        groups = emb.labels
-      samplers[name] = sampling.TripletSampler(name, len(emb), groups, seed=config["seed"])
-    return cls(emb, vectors, raw if config.get("transform") else None, clusters, k, samplers)
-
-
-_LOADED: dict[str, TripletInputs] = {}
+_LOADED: dict[str, triplet_blocks.TripletInputs] = {}
 _LOCK = threading.Lock()
 
 
-def _inputs(config: dict[str, Any]) -> TripletInputs:
+def _inputs(config: dict[str, Any]) -> triplet_blocks.TripletInputs:
   """Per-process cache: DoFn instances on one worker share one copy of the embeddings."""
   keys = ("embeddings", "split", "transform", "clusters", "strategy", "seed")
   key = artifacts.digest({k: config[k] for k in keys})
   with _LOCK:
     if key not in _LOADED:
       _LOADED.clear()
-      _LOADED[key] = TripletInputs.load(config)
-      _warm_up()
+      _LOADED[key] = triplet_blocks.TripletInputs.load(config)
+      triplet_blocks.warm_up()
     return _LOADED[key]
 
 
-def _warm_up() -> None:
-  """Load the compiled kernels once per process (~1-2 s), outside the timed labelling and off the workers' race."""
-  labelling.rowwise_similarities(np.zeros((3, 1), np.float32), np.array([[0, 1, 2]]))
-  shards.tfrecord_bytes(shards.empty())
-
-
-def make_block(inputs: TripletInputs, split: str, strategy: str, start: int, stop: int,
-               timer: dict[str, float] | None = None, threads: int = 1) -> shards.Columns:
-  """Rows [start, stop) of a split as schema columns, plus per-row diagnostics under '_' keys.
-
-  `timer["label_seconds"]` accumulates the wall time of the labelling kernel (the benchmark's floor fraction),
-  `timer["label_cpu_seconds"]` its CPU time over its `threads`.
-  """
-  ids = np.arange(start, stop, dtype=np.int64) + id_base(split)
-  positions = inputs.samplers[strategy].sample(ids)
-  tic, cpu = time.perf_counter(), []
-  sims = labelling.rowwise_similarities(inputs.vectors, positions, threads=threads, cpu_seconds=cpu)
-  if timer is not None:
-    timer["label_seconds"] = timer.get("label_seconds", 0.0) + time.perf_counter() - tic
-    timer["label_cpu_seconds"] = timer.get("label_cpu_seconds", 0.0) + cpu[0]
-  labelled = labelling.label_block(inputs.vectors, positions, inputs.raw_vectors, similarities=sims, threads=threads)
-  labelling.check_labels(labelled["similarities"], labelled["soft_label"], labelled["entropy"])
-  columns = labelling.to_records(labelled, ids, strategy, inputs.emb.ids, inputs.emb.file_names,
-                                 inputs.emb.labels, inputs.clusters)
-  columns["_sampled_odd_kept"] = labelled["sampled_odd_kept"]
-  if "odd_changed" in labelled:
-    columns["_odd_changed"] = labelled["odd_changed"]
-  return columns
-
-
-def shard_stats(columns: shards.Columns, bins: int) -> dict[str, Any]:
-  """Additive statistics of a shard (summed over shards in a fixed order for the report)."""
-  hist, _ = labelling.entropy_histogram(columns["entropy"], bins)
-  strategies, counts = np.unique(columns["strategy"], return_counts=True)
-  boundary = np.isin(columns["strategy"], ["class_boundary", "cluster_boundary"])
-  return {
-      "rows": len(columns["triplet_id"]),
-      "strategies": {str(s): int(c) for s, c in zip(strategies, counts, strict=True)},
-      "entropy_sum": float(columns["entropy"].astype(np.float64).sum()),
-      "entropy_hist": hist.tolist(),
-      "odd_changed": int(columns["_odd_changed"].sum()) if "_odd_changed" in columns else None,
-      "boundary_rows": int(boundary.sum()),
-      "boundary_odd_kept": int(columns["_sampled_odd_kept"][boundary].sum()),
-  }
-
-
-def shard_specs(config: dict[str, Any]) -> list[tuple[str, int, int, int]]:
-  """The pipeline's input elements: (split, shard, first row, end row), one block of triplet ids per shard."""
-  out = []
-  for split, n in split_sizes(config).items():
-    if n == 0:
-      continue
-    b = shards.shard_bounds(n, split_shards(config)[split])
-    out += [(split, i, int(b[i]), int(b[i + 1])) for i in range(len(b) - 1)]
-  return out
-
-
-def sub_blocks(config: dict[str, Any], split: str, start: int, stop: int) -> list[tuple[str, int, int]]:
-  """(strategy, lo, hi) pieces of at most block_size rows covering rows [start, stop) of a split, in order."""
-  bs = int(config["block_size"])
-  out = []
-  for name, lo, hi in strategy_ranges(config)[split]:
-    lo, hi = max(lo, start), min(hi, stop)
-    out += [(name, s, min(s + bs, hi)) for s in range(lo, hi, bs)]
-  return out
-
-
-def label_threads(config: dict[str, Any]) -> int:
-  threads = int(config.get("label_threads") or 0)
-  return threads if threads > 0 else labelling.default_threads()
-
-
-def make_shard(inputs: TripletInputs, config: dict[str, Any], split: str, start: int, stop: int,
-               timer: dict[str, float] | None = None) -> shards.Columns:
-  """Rows [start, stop) of a split (one shard), made in blocks of block_size rows (the bytes do not depend on it)."""
-  threads = label_threads(config)
-  pieces = [make_block(inputs, split, name, lo, hi, timer, threads)
-            for name, lo, hi in sub_blocks(config, split, start, stop)]
-  if not pieces:
-    out = shards.empty()
-    out["file_names"] = out["file_names"].astype(inputs.emb.file_names.dtype)
-    out["_sampled_odd_kept"] = np.zeros(0, bool)
-    if inputs.raw_vectors is not None:
-      out["_odd_changed"] = np.zeros(0, bool)
-    return out
-  return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-
-
-def write_shard(inputs: TripletInputs, config: dict[str, Any], out_url: str, split: str, shard: int, start: int,
-                stop: int) -> dict[str, Any]:
+def write_shard(inputs: triplet_blocks.TripletInputs, config: dict[str, Any], out_url: str, split: str, shard: int,
+                start: int, stop: int) -> dict[str, Any]:
   """Make one shard and write its files (each format, npz parts) and its stats; returns the stats."""
   timer: dict[str, float] = {}
   tic = time.perf_counter()
-  columns = make_shard(inputs, config, split, start, stop, timer)
+  columns = triplet_blocks.make_shard(inputs, config, split, start, stop, timer)
   made = time.perf_counter()
-  count = split_shards(config)[split]
+  count = triplet_plan.split_shards(config)[split]
   record = {k: v for k, v in columns.items() if not k.startswith("_")}
   for fmt in config["formats"]:
     if fmt in _EXT:
@@ -299,7 +132,7 @@ def write_shard(inputs: TripletInputs, config: dict[str, Any], out_url: str, spl
     for name, array in shards.npz_arrays(record, inputs.emb.file_names.dtype).items():
       artifacts.write_bytes(artifacts.join(out_url, _npz_part(split, shard, name)),
                             memoryview(np.ascontiguousarray(array)).cast("B"))
-  stats = shard_stats(columns, int(config["entropy_bins"]))
+  stats = triplet_blocks.shard_stats(columns, int(config["entropy_bins"]))
   stats["seconds"] = {"make": made - tic, "label": timer.get("label_seconds", 0.0),
                       "label_cpu": timer.get("label_cpu_seconds", 0.0), "write": time.perf_counter() - made}
   artifacts.write_bytes(artifacts.join(out_url, _STATS_DIR, f"{split}-{shard:05d}.json"), artifacts.json_bytes(stats))
@@ -342,7 +175,7 @@ def SampleTriplets(config: dict[str, Any], out_url: str):  # noqa: N802 (a PTran
   class _SampleTriplets(beam.PTransform):
     def expand(self, pbegin):
       return (pbegin
-              | "ShardSpecs" >> beam.Create(shard_specs(config))
+              | "ShardSpecs" >> beam.Create(triplet_plan.shard_specs(config))
               # (split, shard, start row, end row): a block of triplet ids
               | "Reshuffle" >> beam.Reshuffle()
               | "SampleLabelWrite" >> beam.ParDo(WriteShard(config, out_url)))
@@ -368,15 +201,15 @@ def check_config(config: dict[str, Any]) -> None:
       raise ValueError(f"{key} must be >= 0, got {config[key]}.")
   if int(config["num"]) == 0:
     raise ValueError("num must be > 0: a dataset needs training triplets.")
-  if int(config["num_valid"]) >= VALID_ID_BASE or int(config["num"]) >= VALID_ID_BASE:
-    raise ValueError(f"At most {VALID_ID_BASE - 1} triplets per split (triplet ids of train and valid are "
+  if int(config["num_valid"]) >= triplet_plan.VALID_ID_BASE or int(config["num"]) >= triplet_plan.VALID_ID_BASE:
+    raise ValueError(f"At most {triplet_plan.VALID_ID_BASE - 1} triplets per split (triplet ids of train and valid are "
                      "disjoint ranges).")
   if int(config.get("label_threads") or 0) < 0:
     raise ValueError(f"label_threads must be >= 0 (0 = all CPUs), got {config['label_threads']}.")
   for key in ("num_shards", "num_valid_shards", "block_size"):
     if int(config[key]) < 1:
       raise ValueError(f"{key} must be >= 1, got {config[key]}.")
-  strategy_ranges(config)  # Known strategy names, finite non-negative weights.
+  triplet_plan.strategy_ranges(config)  # Known strategy names, finite non-negative weights.
 
 
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -384,27 +217,24 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   tic = time.perf_counter()
   inputs = _inputs(config)  # Fail early (and clearly) on bad inputs, before Beam starts.
   loaded = time.perf_counter()
-  totals: dict[str, int] = {}
-  for ranges in strategy_ranges(config).values():
-    for name, lo, hi in ranges:
-      totals[name] = totals.get(name, 0) + hi - lo
-  for name, count in totals.items():
+  for name, count in triplet_plan.strategy_totals(config).items():
     inputs.samplers[name].check_count(count)
 
   beam = _beam()
   from apache_beam.options.pipeline_options import PipelineOptions
-  print(f"[{STAGE}] {sum(split_sizes(config).values())} triplets in {len(shard_specs(config))} shards "
-        f"(Beam {' '.join(beam_args) or 'DirectRunner'})", flush=True)
+  print(f"[{STAGE}] {sum(triplet_plan.split_sizes(config).values())} triplets in "
+        f"{len(triplet_plan.shard_specs(config))} shards (Beam {' '.join(beam_args) or 'DirectRunner'})", flush=True)
   with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
     _ = p | "Triplets" >> SampleTriplets(config, writer.tmp_url)
   ran = time.perf_counter()
   report = _finish(config, writer, inputs)
   timing = report.pop("_timing")
-  bandwidth, bandwidth_cpu = read_bandwidth(inputs.vectors)
+  bandwidth, bandwidth_cpu = triplet_blocks.read_bandwidth(inputs.vectors)
   floor, floor_cpu = timing["label_bytes"] / bandwidth, timing["label_bytes"] / bandwidth_cpu
   report["timing"] = {
       "load_seconds": round(loaded - tic, 3), "pipeline_seconds": round(ran - loaded, 3),
-      "finish_seconds": round(time.perf_counter() - ran, 3), **timing, "label_threads": label_threads(config),
+      "finish_seconds": round(time.perf_counter() - ran, 3), **timing,
+      "label_threads": triplet_plan.label_threads(config),
       "read_bandwidth_gbps": round(bandwidth / 1e9, 3), "labelling_floor_seconds": round(floor, 3),
       "labelling_floor_fraction": round(floor / max(timing["label_seconds"], 1e-9), 4),
       # The same in CPU time (the kernel's, summed over its threads, vs np.sum's): the per-core figure, robust to
@@ -415,24 +245,10 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   return report
 
 
-def read_bandwidth(x: np.ndarray, repeats: int = 3) -> tuple[float, float]:
-  """Sequential read bandwidth (bytes/s) of this process over the embedding matrix: the best of a few `np.sum`s,
-  in wall time and in thread CPU time.
-
-  The labelling floor is the time to read 3 rows per triplet at this rate (bench/imagenet_scale.py). A matrix
-  that fits in cache measures the cache, not memory: the fraction is only meaningful for large matrices.
-  """
-  best, best_cpu = np.inf, np.inf
-  for _ in range(repeats):
-    tic, cpu = time.perf_counter(), time.thread_time()
-    x.sum(dtype=np.float32)
-    best, best_cpu = min(best, time.perf_counter() - tic), min(best_cpu, time.thread_time() - cpu)
-  return x.nbytes / max(best, 1e-9), x.nbytes / max(best_cpu, 1e-9)
-
-
-def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter, inputs: TripletInputs) -> dict[str, Any]:
+def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter,
+            inputs: triplet_blocks.TripletInputs) -> dict[str, Any]:
   """Check every file against the schema, aggregate shard stats, assemble the npz, write the index."""
-  sizes, counts = split_sizes(config), split_shards(config)
+  sizes, counts = triplet_plan.split_sizes(config), triplet_plan.split_shards(config)
   stats: dict[str, list[dict[str, Any]]] = {}
   index: dict[str, Any] = {}
   for split, n in sizes.items():
@@ -453,7 +269,7 @@ def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter, inputs: Tr
             raise RuntimeError(f"{name}: {rows} rows written, expected {expected}.")
           writer.set_rows(name, rows)
     index[split] = {"num": n, "shards": counts[split], "shard_lengths": np.diff(bounds).tolist(),
-                    "triplet_ids": [id_base(split), id_base(split) + n]}
+                    "triplet_ids": [triplet_plan.id_base(split), triplet_plan.id_base(split) + n]}
   writer.fs.rm(writer.local_path(_STATS_DIR), recursive=True)
 
   strategies = sorted(sampling.parse_strategy(config["strategy"]))
@@ -482,7 +298,7 @@ def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter, inputs: Tr
       "transform": config["transform"], "clusters": config["clusters"]})
   with writer.open(f"schema/{shards.SCHEMA_FILE}", "wb") as f:
     f.write(json.dumps(shards.schema_spec(), indent=2).encode() + b"\n")
-  report = _report(config, stats, inputs, npz)
+  report = triplet_blocks.report(config, stats, inputs, npz)
   all_stats = [s for split in sorted(stats) for s in stats[split]]
   report["_timing"] = {
       "npz_seconds": round(npz_seconds, 3),
@@ -501,44 +317,3 @@ def _read_parts(writer: artifacts.ArtifactWriter, split: str, count: int, name: 
     with writer.open(_npz_part(split, i, name), "rb") as f:
       while chunk := f.read(1 << 24):
         yield chunk
-
-
-def _report(config, stats, inputs: TripletInputs, npz) -> dict[str, Any]:
-  all_stats = [s for split in sorted(stats) for s in stats[split]]
-  rows = sum(s["rows"] for s in all_stats)
-  by_split = {split: {} for split in stats}
-  for split, items in stats.items():
-    for s in items:
-      for name, c in s["strategies"].items():
-        by_split[split][name] = by_split[split].get(name, 0) + c
-  strategies: dict[str, int] = {}
-  for d in by_split.values():
-    for name, c in d.items():
-      strategies[name] = strategies.get(name, 0) + c
-  hist = np.sum([s["entropy_hist"] for s in all_stats], axis=0).astype(int)
-  _, edges = labelling.entropy_histogram(np.zeros(0), int(config["entropy_bins"]))
-  boundary = sum(s["boundary_rows"] for s in all_stats)
-  changed = None if inputs.raw_vectors is None else sum(s["odd_changed"] for s in all_stats) / max(rows, 1)
-  return {
-      "triplets": sum(s["rows"] for s in stats.get("train", [])),
-      "triplets_total": rows,
-      "splits": {split: sum(s["rows"] for s in items) for split, items in stats.items()},
-      "strategies": strategies,
-      "strategies_by_split": by_split,
-      "entropy": {
-          "mean": sum(s["entropy_sum"] for s in all_stats) / max(rows, 1),
-          "mean_by_split": {split: sum(s["entropy_sum"] for s in items) / max(sum(s["rows"] for s in items), 1)
-                            for split, items in stats.items()},
-          "max": labelling.MAX_ENTROPY,
-          "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": hist.tolist()},
-      },
-      "odd_one_out_changed": changed,
-      "boundary_odd_kept": (sum(s["boundary_odd_kept"] for s in all_stats) / boundary) if boundary else None,
-      "shards": {split: len(items) for split, items in stats.items()},
-      "formats": list(config["formats"]),
-      "npz": npz,
-      "transformed": inputs.raw_vectors is not None,
-      "k": inputs.k,
-      "groups": {name: s.describe() for name, s in sorted(inputs.samplers.items())},
-      "images": len(inputs.emb),
-  }

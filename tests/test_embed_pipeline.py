@@ -14,7 +14,7 @@ from PIL import Image
 
 from alignet_data import artifacts, demo_world, models
 from alignet_data.models import preprocessing
-from alignet_data.teacher import embeddings, image_sources
+from alignet_data.teacher import embed_blocks, embeddings, image_sources
 from pipelines import embed_pipeline, world_stage
 
 SMALL_WORLD = dict(n_super=2, n_basic_per_super=2, n_sub_per_basic=2, images_per_class=12, things_train=30,
@@ -199,9 +199,9 @@ def test_bfloat16_compute_is_close_to_float32_and_returns_float32():
   teacher = models.load_model("demo-teacher")
   images = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), np.uint8)
   x = teacher.preprocess(images)
-  fn32, p32 = embed_pipeline.compile_embed(teacher, "float32")
-  fn16, p16 = embed_pipeline.compile_embed(teacher, "bfloat16")
-  auto_fn, auto_params = embed_pipeline.compile_embed(teacher, "auto")  # On CPU: float32.
+  fn32, p32 = embed_blocks.compile_embed(teacher, "float32")
+  fn16, p16 = embed_blocks.compile_embed(teacher, "bfloat16")
+  auto_fn, auto_params = embed_blocks.compile_embed(teacher, "auto")  # On CPU: float32.
   want = np.asarray(fn32(p32, x))
   got = np.asarray(fn16(p16, x))
   assert got.dtype == np.float32 and str(jax.tree.leaves(p16)[0].dtype) == "bfloat16"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from alignet_data import artifacts, triplet_math
-from alignet_data.dataset import clustering, publishing, shards
+from alignet_data.dataset import clustering, publishing, shards, triplet_plan
 from alignet_data.teacher import embeddings
 from pipelines import cluster_stage, publish_stage
 from pipelines import triplets_pipeline as tp
@@ -94,7 +94,7 @@ def test_every_record_satisfies_the_schema_and_the_sampling_constraints(world, t
     assert np.all((g[:, 0] == g[:, 1]) & (g[:, 1] == g[:, 2]))
   # Train ids 0..2999 in shard order; valid ids are disjoint.
   np.testing.assert_array_equal(train["triplet_id"], np.arange(3000))
-  np.testing.assert_array_equal(valid["triplet_id"], tp.VALID_ID_BASE + np.arange(300))
+  np.testing.assert_array_equal(valid["triplet_id"], triplet_plan.VALID_ID_BASE + np.arange(300))
 
 
 def test_tfrecord_and_npz_hold_the_same_triplets_as_parquet(triplets):

@@ -1,0 +1,177 @@
+"""Making the triplets stage's data: loaded inputs -> labelled blocks and shards, their statistics, the report.
+
+No Beam here: the stage (pipelines/triplets_pipeline.py) calls `make_shard` once per shard on its workers and
+`report` once over the shards' statistics. Which rows a shard holds is the plan (`triplet_plan`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from alignet_data.dataset import clustering, labelling, sampling, shards, triplet_plan
+from alignet_data.teacher import embeddings
+from alignet_data.teacher.transform import Transform
+
+
+@dataclasses.dataclass
+class TripletInputs:
+  """Everything a worker needs to make blocks: loaded once per process from the config's URLs."""
+  emb: embeddings.Embeddings
+  vectors: np.ndarray            # (n, d) teacher vectors the labels come from (transformed or raw).
+  raw_vectors: np.ndarray | None  # (n, d0) raw vectors when a transform is applied, for the changed-odd count.
+  clusters: np.ndarray | None    # (n,) cluster per row.
+  k: int | None
+  samplers: dict[str, sampling.TripletSampler]
+
+  @classmethod
+  def load(cls, config: dict[str, Any]) -> TripletInputs:
+    emb = embeddings.load(config["embeddings"], config["split"])
+    if len(emb) < 3:
+      raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} has {len(emb)} rows; "
+                       "triplets need at least 3.")
+    raw = emb.vectors  # NaN/inf refused by the readers (embeddings, transform) and by transform_rows.
+    what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config.get('transform')}"
+    vectors = clustering.transform_rows(Transform.load(config["transform"]), raw, what=what) \
+        if config.get("transform") else raw
+    clusters = k = None
+    if config.get("clusters"):
+      cl = clustering.load(config["clusters"])
+      clusters, k = cl.for_ids(emb.ids), cl.k
+    samplers = {}
+    for name in sampling.parse_strategy(config["strategy"]):
+      group = sampling.GROUPED.get(name)
+      groups = None
+      if group == "clusters":
+        if clusters is None:
+          raise ValueError(f"Strategy {name!r} needs clusters: pass --clusters (a cluster artifact URL).")
+        groups = clusters
+      elif group == "labels":
+        if (emb.labels < 0).all():
+          raise ValueError(f"Strategy {name!r} needs class labels, but embeddings {config['embeddings']} "
+                           f"split {config['split']!r} has none; use cluster_boundary or random.")
+        groups = emb.labels
+      samplers[name] = sampling.TripletSampler(name, len(emb), groups, seed=config["seed"])
+    return cls(emb, vectors, raw if config.get("transform") else None, clusters, k, samplers)
+
+
+def warm_up() -> None:
+  """Load the compiled kernels once per process (~1-2 s), outside the timed labelling and off the workers' race."""
+  labelling.rowwise_similarities(np.zeros((3, 1), np.float32), np.array([[0, 1, 2]]))
+  shards.tfrecord_bytes(shards.empty())
+
+
+def make_block(inputs: TripletInputs, split: str, strategy: str, start: int, stop: int,
+               timer: dict[str, float] | None = None, threads: int = 1) -> shards.Columns:
+  """Rows [start, stop) of a split as schema columns, plus per-row diagnostics under '_' keys.
+
+  `timer["label_seconds"]` accumulates the wall time of the labelling kernel (the benchmark's floor fraction),
+  `timer["label_cpu_seconds"]` its CPU time over its `threads`.
+  """
+  ids = np.arange(start, stop, dtype=np.int64) + triplet_plan.id_base(split)
+  positions = inputs.samplers[strategy].sample(ids)
+  tic, cpu = time.perf_counter(), []
+  sims = labelling.rowwise_similarities(inputs.vectors, positions, threads=threads, cpu_seconds=cpu)
+  if timer is not None:
+    timer["label_seconds"] = timer.get("label_seconds", 0.0) + time.perf_counter() - tic
+    timer["label_cpu_seconds"] = timer.get("label_cpu_seconds", 0.0) + cpu[0]
+  labelled = labelling.label_block(inputs.vectors, positions, inputs.raw_vectors, similarities=sims, threads=threads)
+  labelling.check_labels(labelled["similarities"], labelled["soft_label"], labelled["entropy"])
+  columns = labelling.to_records(labelled, ids, strategy, inputs.emb.ids, inputs.emb.file_names,
+                                 inputs.emb.labels, inputs.clusters)
+  columns["_sampled_odd_kept"] = labelled["sampled_odd_kept"]
+  if "odd_changed" in labelled:
+    columns["_odd_changed"] = labelled["odd_changed"]
+  return columns
+
+
+def make_shard(inputs: TripletInputs, config: dict[str, Any], split: str, start: int, stop: int,
+               timer: dict[str, float] | None = None) -> shards.Columns:
+  """Rows [start, stop) of a split (one shard), made in blocks of block_size rows (the bytes do not depend on it)."""
+  threads = triplet_plan.label_threads(config)
+  pieces = [make_block(inputs, split, name, lo, hi, timer, threads)
+            for name, lo, hi in triplet_plan.sub_blocks(config, split, start, stop)]
+  if not pieces:
+    out = shards.empty()
+    out["file_names"] = out["file_names"].astype(inputs.emb.file_names.dtype)
+    out["_sampled_odd_kept"] = np.zeros(0, bool)
+    if inputs.raw_vectors is not None:
+      out["_odd_changed"] = np.zeros(0, bool)
+    return out
+  return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def shard_stats(columns: shards.Columns, bins: int) -> dict[str, Any]:
+  """Additive statistics of a shard (summed over shards in a fixed order for the report)."""
+  hist, _ = labelling.entropy_histogram(columns["entropy"], bins)
+  strategies, counts = np.unique(columns["strategy"], return_counts=True)
+  boundary = np.isin(columns["strategy"], ["class_boundary", "cluster_boundary"])
+  return {
+      "rows": len(columns["triplet_id"]),
+      "strategies": {str(s): int(c) for s, c in zip(strategies, counts, strict=True)},
+      "entropy_sum": float(columns["entropy"].astype(np.float64).sum()),
+      "entropy_hist": hist.tolist(),
+      "odd_changed": int(columns["_odd_changed"].sum()) if "_odd_changed" in columns else None,
+      "boundary_rows": int(boundary.sum()),
+      "boundary_odd_kept": int(columns["_sampled_odd_kept"][boundary].sum()),
+  }
+
+
+def read_bandwidth(x: np.ndarray, repeats: int = 3) -> tuple[float, float]:
+  """Sequential read bandwidth (bytes/s) of this process over the embedding matrix: the best of a few `np.sum`s,
+  in wall time and in thread CPU time.
+
+  The labelling floor is the time to read 3 rows per triplet at this rate (bench/imagenet_scale.py). A matrix
+  that fits in cache measures the cache, not memory: the fraction is only meaningful for large matrices.
+  """
+  best, best_cpu = np.inf, np.inf
+  for _ in range(repeats):
+    tic, cpu = time.perf_counter(), time.thread_time()
+    x.sum(dtype=np.float32)
+    best, best_cpu = min(best, time.perf_counter() - tic), min(best_cpu, time.thread_time() - cpu)
+  return x.nbytes / max(best, 1e-9), x.nbytes / max(best_cpu, 1e-9)
+
+
+def report(config: dict[str, Any], stats: dict[str, list[dict[str, Any]]], inputs: TripletInputs,
+           npz: dict[str, str] | None) -> dict[str, Any]:
+  """The stage's report from every shard's `shard_stats` (per split, in shard order) and the npz files written."""
+  all_stats = [s for split in sorted(stats) for s in stats[split]]
+  rows = sum(s["rows"] for s in all_stats)
+  by_split = {split: {} for split in stats}
+  for split, items in stats.items():
+    for s in items:
+      for name, c in s["strategies"].items():
+        by_split[split][name] = by_split[split].get(name, 0) + c
+  strategies: dict[str, int] = {}
+  for d in by_split.values():
+    for name, c in d.items():
+      strategies[name] = strategies.get(name, 0) + c
+  hist = np.sum([s["entropy_hist"] for s in all_stats], axis=0).astype(int)
+  _, edges = labelling.entropy_histogram(np.zeros(0), int(config["entropy_bins"]))
+  boundary = sum(s["boundary_rows"] for s in all_stats)
+  changed = None if inputs.raw_vectors is None else sum(s["odd_changed"] for s in all_stats) / max(rows, 1)
+  return {
+      "triplets": sum(s["rows"] for s in stats.get("train", [])),
+      "triplets_total": rows,
+      "splits": {split: sum(s["rows"] for s in items) for split, items in stats.items()},
+      "strategies": strategies,
+      "strategies_by_split": by_split,
+      "entropy": {
+          "mean": sum(s["entropy_sum"] for s in all_stats) / max(rows, 1),
+          "mean_by_split": {split: sum(s["entropy_sum"] for s in items) / max(sum(s["rows"] for s in items), 1)
+                            for split, items in stats.items()},
+          "max": labelling.MAX_ENTROPY,
+          "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": hist.tolist()},
+      },
+      "odd_one_out_changed": changed,
+      "boundary_odd_kept": (sum(s["boundary_odd_kept"] for s in all_stats) / boundary) if boundary else None,
+      "shards": {split: len(items) for split, items in stats.items()},
+      "formats": list(config["formats"]),
+      "npz": npz,
+      "transformed": inputs.raw_vectors is not None,
+      "k": inputs.k,
+      "groups": {name: s.describe() for name, s in sorted(inputs.samplers.items())},
+      "images": len(inputs.emb),
+  }
