@@ -67,10 +67,6 @@ def js_triplet_loss(z: jax.Array, target_sims: jax.Array, tau: float = DEFAULT_T
 
 
 def triplet_agreement(student_sims: jax.Array, target_sims: jax.Array) -> jax.Array:
-  """1.0 where the student's odd one out equals the teacher's, else 0.0; a tie in the student counts as wrong.
-
-  Triplets whose TEACHER top similarity is tied have no defined answer; they are counted as wrong too (never
-  happens with float similarities from real embeddings). A non-finite similarity on either side is wrong, never
-  a hit (argmax would pick a NaN, and a NaN equals no maximum, so the tie check alone would not fire).
-  """
+  """1.0 where the student's odd one out equals the teacher's, else 0.0 (`triplet_math.odd_one_out_correct_jax`:
+  an undefined answer, a tie or a non-finite similarity, is never a hit; a teacher tie has no answer to match)."""
   return triplet_math.odd_one_out_correct_jax(student_sims, triplet_math.odd_one_out_jax(target_sims))

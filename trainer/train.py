@@ -361,7 +361,7 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
 
   `levels`: the student's odd-one-out accuracy against the simulated participants' majority vote per level
   (coarse / fine / boundary; no-majority triplets excluded), as the evaluate stage computes it (without CIs).
-  `things`: THINGS-like test accuracy (the human odd one out is item 2).
+  `things`: THINGS-like test accuracy against the human odd one out.
   """
   from alignet_data import demo_world
   from alignet_data.evaluation import metrics
@@ -386,7 +386,7 @@ def demo_hooks(world_url: str, names: Sequence[str]) -> dict[str, Callable[[Call
   if "things" in names:
     def things_hook(embed):
       sims = triplet_math.triplet_similarities(embed(world.things_images), world.things_test)
-      return {"things_accuracy": float(triplet_math.odd_one_out_correct(sims, 2).mean())}
+      return {"things_accuracy": float(triplet_math.odd_one_out_correct(sims).mean())}
     hooks["things"] = things_hook
   return hooks
 

@@ -78,7 +78,7 @@ def things(subjects: Subjects, world: Any, *, triplets_url: str, soft_labels_url
       continue
     sims = triplet_math.triplet_similarities(np.asarray(x, np.float64), triplets)
     row = metrics.things_accuracy(sims, **boot)
-    correct[name] = triplet_math.odd_one_out_correct(sims, 2)
+    correct[name] = triplet_math.odd_one_out_correct(sims)
     row["wald_ci"] = metrics.wald_ci(row["accuracy"], row["n"])
     if soft is not None:
       row["soft"] = metrics.things_soft(sims, soft, tau=tau, **boot)

@@ -1,8 +1,8 @@
 """Human-alignment metrics with bootstrap confidence intervals (paper: "Levels", "Human-to-human alignment").
 
 Pure numpy/scipy. Conventions:
-* A model's odd one out comes from its pair similarities [s01, s02, s12] (`triplet_math.odd_one_out`); a tie
-  in the model's top similarity, or a NaN/inf similarity, counts as wrong.
+* A model's odd one out, and what counts as wrong (ties, NaN/inf), is `triplet_math`'s (the convention lives
+  there).
 * Levels target = the MAJORITY VOTE of a triplet's responses (choices are positions 0..2; negative = missing).
   With 5 responses over 3 options only a 2-2-1 split has no unique winner: such triplets have no target and
   are EXCLUDED from model accuracy and counted (`n_no_majority`), instead of being broken at random.
@@ -237,8 +237,8 @@ def levels_model(similarities: np.ndarray, choices: np.ndarray, levels: np.ndarr
 
 def things_accuracy(similarities: np.ndarray, *, n_resamples: int = 100, size: int = 1000,
                     seed: int = 0) -> dict[str, Any]:
-  """THINGS-style accuracy: triplets are stored (i, j, odd), so the human odd one out is item 2."""
-  return _accuracy(triplet_math.odd_one_out_correct(similarities, 2), n_resamples, size, seed)
+  """THINGS-style accuracy against the human odd one out of stored triplets (`triplet_math.HUMAN_ODD`)."""
+  return _accuracy(triplet_math.odd_one_out_correct(similarities, triplet_math.HUMAN_ODD), n_resamples, size, seed)
 
 
 def things_soft(similarities: np.ndarray, human_probs: np.ndarray, *, tau: float = 1.0, n_resamples: int = 100,

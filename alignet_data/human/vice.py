@@ -3,8 +3,8 @@
 VICE (Muttenthaler et al., ICLR 2022; paper Methods, "Modelling human uncertainties") learns, for every object
 and dimension, a Gaussian variational posterior q(X) = N(loc, scale^2). The model of a choice draws one
 embedding sample X = loc + scale * eps, makes it non-negative (ReLU), and takes the softmax over the three pair
-dot products [s01, s02, s12]. Training minimises the negative ELBO per triplet: the NLL of the human pair (pair 0
-of a stored (i, j, odd) triplet) plus the KL term log q(X) - log p(X), estimated from the same sample, summed over
+dot products [s01, s02, s12]. Training minimises the negative ELBO per triplet: the NLL of the human pair (see
+`triplet_math` for the convention) plus the KL term log q(X) - log p(X), estimated from the same sample, summed over
 all objects and dimensions and scaled by 1 / N (N = training triplets), under a spike-and-slab Gaussian prior
 p = pi N(0, spike^2) + (1 - pi) N(0, slab^2). Dimensions are pruned by a Benjamini-Hochberg test of how many
 objects are reliably positive; training stops when that count is stable for `ws` epochs after `burnin`.

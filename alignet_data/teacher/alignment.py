@@ -5,7 +5,7 @@ global transform (github.com/LukasMut/gLocal, `GlobalProbe`):
 
 * features are z-scored with ONE scalar mean and std over the whole THINGS feature matrix;
 * x' = z(x) W + b; pair similarities are dot products; q = softmax([s01, s02, s12]) (tau = 1);
-* hard alignment: NLL of the human pair (pair 0 of a stored (i, j, odd) triplet); soft alignment: the
+* hard alignment: NLL of the human pair (`triplet_math`'s convention); soft alignment: the
   cross-entropy against the VICE posterior predictive p* (equal to KL(p* || q) up to the entropy of p*);
 * objective = loss + lambda ||W - T||_F^2 with T = I (the paper) or mean(diag W) I (gLocal's "eye"); the bias
   is not regularised unless asked;
@@ -96,7 +96,7 @@ def transform(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
 
 
 def hard_loss(logits: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-  """Mean NLL of the human pair, pair 0 of stored (i, j, odd) triplets."""
+  """Mean NLL of the human pair (`triplet_math.human_pair_nll_jax`)."""
   return _mean(triplet_math.human_pair_nll_jax(logits), weights)
 
 
@@ -164,9 +164,9 @@ def objective(params: dict[str, jax.Array], features: jax.Array, triplets: jax.A
 
 
 def hard_targets(n: int) -> np.ndarray:
-  """One-hot soft labels of the human pair (pair 0): the hard loss as a special case of the soft one."""
+  """One-hot soft labels of the human pair: the hard loss as a special case of the soft one."""
   t = np.zeros((n, 3), np.float32)
-  t[:, 0] = 1.0
+  t[:, triplet_math.HUMAN_PAIR] = 1.0
   return t
 
 
