@@ -16,7 +16,7 @@ import pytest
 from alignet_data import artifacts, models, triplet_math
 from alignet_data.checks import InputError
 from alignet_data.dataset import shards
-from trainer import input_pipeline, losses, train
+from trainer import input_pipeline, losses, train, triplet_sources
 
 N_CLASSES, PER_CLASS, SIZE = 6, 10, 16
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,7 +341,7 @@ def test_every_shard_format_reads_the_same_triplets(shards_url, released_dir, tm
       np.testing.assert_array_equal(got.similarities, ref.similarities)
     released = input_pipeline.read_triplets(released_dir, split)  # no manifest: the released npz layout
     np.testing.assert_array_equal(released.indices, ref.indices)
-  assert input_pipeline.detect_format(art, shards_url) == "parquet"
+  assert triplet_sources.detect_format(art) == "parquet"
   with pytest.raises(FileNotFoundError, match="has no manifest"):
     input_pipeline.read_triplets(released_dir, "train", fmt="parquet")
 
@@ -510,8 +510,9 @@ def test_killed_and_resumed_run_keeps_its_before_figures(shards_url, tiny_model,
   source = input_pipeline.ArrayImages(_images()[0])
   cfg = {**CONFIG, "shards": shards_url, "steps": 6, "checkpoint_every": 3, "hooks": []}
   straight = train.train_and_evaluate(cfg, str(tmp_path / "a"), model=tiny_model, images=source, log=lambda _: None)
-  before = {k: v for k, v in straight.items() if k.endswith("_before")}
-  assert set(before) == {"val_loss_before", "val_triplet_accuracy_before"}
+  before = {k: v for k, v in straight.items() if "_before" in k}
+  assert set(before) == {"val_loss_before", "val_triplet_accuracy_before", "val_loss_before/valid",
+                         "val_triplet_accuracy_before/valid"}
 
   save = train._save
 
@@ -532,8 +533,8 @@ def test_killed_and_resumed_run_keeps_its_before_figures(shards_url, tiny_model,
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "b"), model=tiny_model, images=source, log=logged.append)
   assert resumed["resumed_from"] == 3
   saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
-  assert {k: v for k, v in saved.items() if k.endswith("_before")} == before
-  assert {k: v for k, v in resumed.items() if k.endswith("_before")} == before
+  assert {k: v for k, v in saved.items() if "_before" in k} == before
+  assert {k: v for k, v in resumed.items() if "_before" in k} == before
   assert f"accuracy {before['val_triplet_accuracy_before']:.3f} ->" in logged[-1]  # not '?'
 
 
@@ -632,8 +633,8 @@ def test_killed_run_resumes_to_bit_identical_parameters(shards_url, tiny_model, 
   for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(leaf_a, leaf_b)
   assert straight["val_loss"] == resumed["val_loss"]
-  before = {k: v for k, v in straight.items() if k.endswith("_before")}
-  assert before and {k: v for k, v in resumed.items() if k.endswith("_before")} == before
+  before = {k: v for k, v in straight.items() if "_before" in k}
+  assert before and {k: v for k, v in resumed.items() if "_before" in k} == before
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from alignet_data import artifacts
+from trainer import triplet_sources
 
-SPLITS = ("train", "valid")
 FORMATS = ("auto", "parquet", "tfrecord", "npz")
 
 
@@ -191,60 +191,14 @@ def image_spec(config: Mapping[str, Any], artifact: artifacts.Artifact | None) -
   return str(sources[split])
 
 
-def open_shards(url: str) -> artifacts.Artifact | None:
-  """The artifact (triplets artifact or published version) at `url`, or None for a plain directory (the
-  released npz files have no manifest)."""
-  art = artifacts.try_load(url)
-  if art is None:
-    fs, path = artifacts.url_to_fs(url)
-    if not fs.isdir(path):
-      raise FileNotFoundError(f"No triplet shards at {url}: not a directory (give a triplets artifact, a published "
-                              "version, or a directory with the released alignet_{train,valid}.npz).")
-  return art
-
-
-def _names(art: artifacts.Artifact | None, url: str) -> list[str]:
-  if art is not None:
-    return sorted(art.files)
-  fs, root = artifacts.url_to_fs(url)
-  root = root.rstrip("/")
-  return sorted(p[len(root) + 1:] for p in fs.find(root))
-
-
 def shard_names(artifact: artifacts.Artifact, split: str, fmt: str = "parquet") -> list[str]:
-  """Sorted shard names of a split in one format; a clear error when there are none."""
-  if fmt == "npz":
-    return [npz_name(artifact, artifact.url, split)]
+  """Sorted Parquet/TFRecord shard names of an artifact's split; a clear error when there are none."""
   names = artifact.glob(f"shards/{split}-*.{fmt}")
   if not names:
     raise FileNotFoundError(
         f"No {'Parquet' if fmt == 'parquet' else fmt} shards for split {split!r} in {artifact.url} (expected "
         f"shards/{split}-*-of-*.{fmt}; is it a triplets or publish artifact?)")
   return names
-
-
-def npz_name(art: artifacts.Artifact | None, url: str, split: str) -> str:
-  """The released-layout npz file of a split: alignet_<split>.npz or [npz/]<transform>/<split>_<sampling>.npz."""
-  import fnmatch
-  names = _names(art, url)
-  for pattern in (f"alignet_{split}.npz", f"{split}_*.npz", f"*/{split}_*.npz", f"npz/*/{split}_*.npz"):
-    found = [n for n in names if fnmatch.fnmatch(n, pattern) and n.count("/") == pattern.count("/")]
-    if len(found) == 1:
-      return found[0]
-    if found:
-      raise ValueError(f"{url} holds several {split} npz files {found}: point --shards at the one directory "
-                       "(e.g. .../uncertainty_distillation) that holds the sampling you want.")
-  raise FileNotFoundError(f"No npz file for split {split!r} in {url} (expected alignet_{split}.npz or "
-                          f"<transform>/{split}_<sampling>.npz).")
-
-
-def detect_format(art: artifacts.Artifact | None, url: str) -> str:
-  """parquet if there are Parquet shards, else tfrecord, else npz (the released layout)."""
-  if art is not None:
-    for fmt in ("parquet", "tfrecord"):
-      if art.glob(f"shards/*.{fmt}"):
-        return fmt
-  return "npz"
 
 
 def _list_column(table: Any, name: str, dtype: Any) -> np.ndarray:
@@ -256,25 +210,28 @@ def _list_column(table: Any, name: str, dtype: Any) -> np.ndarray:
   return values.reshape(-1, 3)
 
 
-def read_triplets(source: artifacts.Artifact | str, split: str, verify: bool = True, fmt: str = "auto") -> Triplets:
-  """All triplets of a split (indices, similarities) in shard order.
+def read_triplets(source: triplet_sources.Sources | artifacts.Artifact | str, split: str = "train",
+                  verify: bool = True, fmt: str = "auto") -> Triplets:
+  """All triplets of one set in shard order: "train", a validation set by sampling name, or "valid" (the only
+  validation set). `source` is resolved by `triplet_sources.resolve` unless it already is.
 
   With a manifest, every file's sha256 is checked against it and Parquet/TFRecord shards against the triplet
   schema (version included) before anything is used; a plain directory (the released npz) has nothing to verify.
   """
   from alignet_data.dataset import shards
-  if isinstance(source, str):
-    art, url = open_shards(source), source
+  if not isinstance(source, triplet_sources.Sources):
+    source = triplet_sources.resolve(source.url if isinstance(source, artifacts.Artifact) else source, fmt=fmt)
+  art, url, fmt = source.artifact, source.url, source.fmt
+  if split == "train":
+    target = source.train
+  elif split in source.valid:
+    target = source.valid[split]
+  elif split == "valid" and len(source.valid) == 1:
+    target = next(iter(source.valid.values()))
   else:
-    art, url = source, source.url
-  if fmt == "auto":
-    fmt = detect_format(art, url)
-  if fmt not in FORMATS:
-    raise ValueError(f"Unknown shard format {fmt!r}; choose one of {FORMATS}.")
-  if fmt != "npz" and art is None:
-    raise FileNotFoundError(f"{url} has no manifest.json: {fmt} shards are read from a triplets artifact or a "
-                            "published version (use format npz for the released files).")
-  names = shard_names(art, split, fmt) if art is not None else [npz_name(None, url, split)]
+    raise FileNotFoundError(f"No triplet set {split!r} in {url}: it has train ({source.sampling}) and validation "
+                            f"sets {sorted(source.valid)}.")
+  names = shard_names(art, target, fmt) if fmt != "npz" else [target]
   if verify and art is not None:
     art.verify(names)
   indices, sims = [], []

@@ -2,7 +2,9 @@
 
 Command line (resumes in place; one JSON config format, as every stage's config is JSON data):
   alignet train --shards X --student demo-student --steps 200 --workdir W [--config c.json] [--set key=value]
-X is a triplets artifact, a published version, or a directory of the released `alignet_{train,valid}.npz`. The
+X is a triplets artifact, a published version, or a folder of released npz files (`<transform>/{train,val}_
+<sampling>.npz`, chosen with --transform/--sampling; every `val_*` file is its own validation set, reported as
+`val_triplet_accuracy/<sampling>` and their mean `val_triplet_accuracy`; or `alignet_{train,valid}.npz`). The
 config is `train.DEFAULTS`, then the `--config` file, then `--set` pairs, then the flags; it is printed and kept
 in `W/config.json`. `W` is any fsspec URL (a local path, gs://..., memory:// in tests). It gets `checkpoints/`
 (orbax, or `--checkpoint-dir`; a rerun with more `--steps` resumes from the latest), `tensorboard/` (event
@@ -31,8 +33,13 @@ from trainer import train
 STAGE = "train"
 
 _FLAGS = {  # config key -> (type, help)
-    "shards": (str, "triplets artifact, published version, or directory of released alignet_*.npz (any fsspec URL)"),
+    "shards": (str, "triplets artifact, published version, or a folder of released <transform>/{train,val}_"
+                    "<sampling>.npz or alignet_{train,valid}.npz files (any fsspec URL)"),
     "format": (str, "shard format: auto | parquet | tfrecord | npz"),
+    "transform": (str, "released layout: the <transform> folder to read (default: uncertainty_distillation when "
+                       "there is a choice)"),
+    "sampling": (str, "the training file's sampling, e.g. cluster_border_500 (default: cluster_border_500 when "
+                      "present, else the only one); every val_<sampling> file of the transform is validated"),
     "images": (str, "images the indices point into: demo:<world>:pool, files:<glob>, tfds:imagenet2012:train "
                     "(default: from the shards' provenance)"),
     "tfds_data_dir": (str, "data_dir of a tfds: image source"),
@@ -145,7 +152,8 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   print(f"[train] checkpoints: {ckpt_dir}; TensorBoard: {artifacts.join(workdir, 'tensorboard')}; metrics: "
         f"{artifacts.join(workdir, 'metrics.jsonl')}, {artifacts.join(workdir, 'metrics.json')}", flush=True)
   result = train.train_and_evaluate(config, workdir, save_config=config)  # Writes config.json once inputs check.
-  print(f"train: loss {result['loss']:.4f}, val_triplet_accuracy {result['val_triplet_accuracy']:.4f}, "
+  acc = result.get("val_triplet_accuracy")
+  print(f"train: loss {result['loss']:.4f}, val_triplet_accuracy {'-' if acc is None else f'{acc:.4f}'}, "
         f"{result['steps_per_second']:.2f} steps/s, input {result['input_images_per_second']} images/s per "
         f"worker; workdir {workdir} (tensorboard/, metrics.json, student.npz)")
   return 0

@@ -26,13 +26,16 @@ import optax
 from alignet_data import artifacts, triplet_math
 from alignet_data.checks import InputError
 from alignet_data.models import batching
-from trainer import input_pipeline, losses
+from trainer import input_pipeline, losses, triplet_sources
 
 # Defaults are the demo's (tiny student, 2 CPU cores, ~1 minute): measured on the demo chain, 600 steps of 64
 # triplets raise the student's coarse Levels-like accuracy most. For real students use RELEASED on top.
 DEFAULTS: dict[str, Any] = {
     "shards": "",             # triplets artifact / published version URL (or a directory of released npz files)
     "format": "auto",         # auto | parquet | tfrecord | npz (auto: parquet, else tfrecord, else npz)
+    "transform": "",          # released layout: the <transform> folder ("" = uncertainty_distillation when
+                              # there is a choice, else the only one)
+    "sampling": "",           # the training file's sampling ("" = cluster_border_500 when present, else the only)
     "images": "",             # image source spec the indices point into: demo:<world>:pool, files:<glob>,
                               # tfds:imagenet2012:train; "" = `world` if set, else the shards' provenance
     "tfds_data_dir": None,    # data_dir of a tfds: image source
@@ -432,16 +435,19 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
     raise InputError("config['shards'] is empty: give a triplets artifact, a published version or a directory of "
                      "released alignet_*.npz files (--shards).")
   fs, root = artifacts.url_to_fs(workdir)
-  shards_art = input_pipeline.open_shards(config["shards"])
-  fmt = config["format"]
-  train_data = input_pipeline.read_triplets(shards_art or config["shards"], "train", fmt=fmt)
-  valid_data = input_pipeline.read_triplets(shards_art or config["shards"], "valid", fmt=fmt)
+  sources = triplet_sources.resolve(config["shards"], fmt=config["format"], transform=config["transform"] or None,
+                                    sampling=config["sampling"] or None)
+  train_data = input_pipeline.read_triplets(sources, "train")
+  valid_sets = {name: input_pipeline.read_triplets(sources, name) for name in sources.valid}
+  if not valid_sets:
+    log(f"[train] warning: {config['shards']} has no validation file for this transform; no val_* figures")
   spec = None
   if images is None:
-    spec = input_pipeline.image_spec(config, shards_art)
+    spec = input_pipeline.image_spec(config, sources.artifact)
     images = input_pipeline.open_images(spec, config["tfds_data_dir"])
   input_pipeline.check_indices(train_data, images, f"{config['shards']} (train)")
-  input_pipeline.check_indices(valid_data, images, f"{config['shards']} (valid)")
+  for name, data in valid_sets.items():
+    input_pipeline.check_indices(data, images, f"{config['shards']} (validation set {name})")
   fs.makedirs(root, exist_ok=True)  # Only now: bad inputs leave no workdir behind.
   if save_config is not None:
     artifacts.write_bytes(artifacts.join(workdir, "config.json"), artifacts.json_bytes(save_config))
@@ -450,7 +456,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
     model = models.load_model(config["student"])
   head_dim = head_size(config["head_dim"], model.config)
   dtype = resolve_dtype(config["compute_dtype"])
-  log(f"[train] {len(train_data)} train / {len(valid_data)} valid triplets from {config['shards']}"
+  log(f"[train] {len(train_data)} train / {sum(map(len, valid_sets.values()))} validation triplets from "
+      f"{config['shards']}: {sources.describe()}"
       f"{f'; images {spec}' if spec else ''}; student {model.config.get('name', config['student'])} "
       f"(dim {model.dim}, head {head_dim or 'none'}, {dtype.name} compute) on {n_dev} {jax.default_backend()} "
       f"device(s)")
@@ -469,16 +476,26 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   reading = {"threads": int(config["input_threads"]), "prefetch": int(config["prefetch_batches"]),
              "process_index": jax.process_index(), "process_count": jax.process_count()}
 
-  def run_eval(params) -> dict[str, float]:
-    out = {}
-    for batch in input_pipeline.eval_dataset(valid_data, images, model.preprocess, batch_size=eval_batch,
-                                             **reading):
+  def eval_set(params, data: input_pipeline.Triplets) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for batch in input_pipeline.eval_dataset(data, images, model.preprocess, batch_size=eval_batch, **reading):
       got = eval_fn(params, *shard_batch(mesh, batch["images"], batch["similarities"], batch["mask"]))
       for k, v in got.items():
         out[k] = out.get(k, 0.0) + float(v)
     n = max(out["count"], 1.0)
-    result = {"val_loss": out["loss_sum"] / n, "val_triplet_accuracy": out["correct"] / n,
-              "val_triplets": int(out["count"])}
+    return {"val_loss": out["loss_sum"] / n, "val_triplet_accuracy": out["correct"] / n,
+            "val_triplets": int(out["count"])}
+
+  def run_eval(params) -> dict[str, Any]:
+    """Each validation set's figures (`val_<figure>/<sampling>`) and, over the sets, their unweighted mean."""
+    per_set = {name: eval_set(params, data) for name, data in valid_sets.items()}
+    result: dict[str, Any] = {}
+    if per_set:
+      result = {"val_loss": float(np.mean([r["val_loss"] for r in per_set.values()])),
+                "val_triplet_accuracy": float(np.mean([r["val_triplet_accuracy"] for r in per_set.values()])),
+                "val_triplets": sum(r["val_triplets"] for r in per_set.values())}
+      for name, r in per_set.items():
+        result.update({f"{k}/{name}": v for k, v in r.items()})
     for hook in hooks.values():
       result.update(hook(lambda imgs: batching.embed_padded(functools.partial(embed_jit, params["encoder"]), imgs,
                                                                eval_batch, prepare=model.preprocess)))
@@ -589,14 +606,14 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   }
   result.update(figures_before)
   artifacts.write_bytes(artifacts.join(workdir, "metrics.json"), artifacts.json_bytes(result))
-  before_acc = result.get("val_triplet_accuracy_before")
+  before_acc, after_acc = result.get("val_triplet_accuracy_before"), result.get("val_triplet_accuracy")
   log(f"[train] val triplet accuracy {'?' if before_acc is None else f'{before_acc:.3f}'} -> "
-      f"{result['val_triplet_accuracy']:.3f}; {result['steps_per_second']:.2f} steps/s")
+      f"{'?' if after_acc is None else f'{after_acc:.3f}'}; {result['steps_per_second']:.2f} steps/s")
   return result
 
 
 def _suffixed(before: Mapping[str, Any]) -> dict[str, Any]:
-  return {f"{k}_before": v for k, v in before.items() if k != "val_triplets"}
+  return {"{}_before{}{}".format(*k.partition("/")): v for k, v in before.items() if not k.startswith("val_triplets")}
 
 
 def _saved_before(workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
@@ -614,14 +631,14 @@ def _saved_before(workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
     previous = artifacts.read_json(artifacts.join(workdir, "metrics.json"))
   except (FileNotFoundError, ValueError):
     previous = {}
-  return {k: v for k, v in previous.items() if k.endswith("_before")}
+  return {k: v for k, v in previous.items() if "_before" in k}
 
 
 def _tb_scalars(row: Mapping[str, Any]) -> dict[str, float]:
   """TensorBoard tags: validation figures (val_*, hook accuracies) under valid/, the rest under train/."""
   out = {}
   for k, v in row.items():
-    if k in ("step", "val_triplets"):
+    if k == "step" or k.startswith("val_triplets"):
       continue
     if k.startswith("val_"):
       out["valid/" + k[4:]] = v
