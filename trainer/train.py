@@ -214,9 +214,12 @@ def make_represent(embed_fn: Callable[[Any, jax.Array], jax.Array],
 
 
 def head_size(head_dim: int, model_config: Mapping[str, Any]) -> int:
-  """-1 = auto: none for the demo students (before/after compare one representation), 1024 for real ones."""
+  """-1 = auto: the model config's `triplet_head` where it names one (siglip-b/16, the released student: 1024),
+  else none for the demo students (before/after compare one representation) and 1024 for real ones."""
   if int(head_dim) >= 0:
     return int(head_dim)
+  if model_config.get("triplet_head") is not None:
+    return int(model_config["triplet_head"])
   return 0 if str(model_config.get("name", "")).startswith("vit-demo") else 1024
 
 
