@@ -124,10 +124,12 @@ def validate_config(config: Mapping[str, Any], devices: int | None = None) -> No
                      f"use a multiple of {devices}.")
 
 
-# The released trainer's settings (google-deepmind/alignet configs/siglip.py), for ViT-B-sized students.
+# The released trainer's settings (google-deepmind/alignet configs/siglip.py), as trainer/configs/released.json
+# holds them (the student, transform and sampling besides): what DEFAULTS change for the demo is listed in the README.
 RELEASED: dict[str, Any] = {"steps": 100_000, "batch_size": 512, "learning_rate": 3e-5, "warmup_steps": 5_000,
-                            "decay_to_init": 1.0, "head_dim": 1024, "tau": 100.0, "loss": "js",
-                            "checkpoint_every": 10_000, "eval_every": 5_000, "compute_dtype": "auto"}
+                            "decay_to_init": 1.0, "grad_clip": 0.0, "head_dim": 1024, "tau": 100.0, "loss": "js",
+                            "compute_dtype": "float32", "seed": 42, "checkpoint_every": 10_000,
+                            "keep_checkpoints": 3, "eval_every": 5_000}
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
