@@ -6,6 +6,7 @@ Beam pipeline options (``--runner=DataflowRunner --project=... --region=... --te
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import re
@@ -57,6 +58,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                               "are skipped. Extra --flags go to the Beam stages as pipeline options.")
   if command == "run":
     _add_run(run_parser)
+  for name, (module_name, help_text) in TOOLS.items():
+    mod = importlib.import_module(module_name) if name == command else None
+    p = sub.add_parser(name, help=help_text, description=mod.__doc__ if mod else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    if mod is not None:
+      mod.add_arguments(p)
   for name, (_, help_text, is_beam) in stages.STAGES.items():
     description = help_text + (" Extra --flags are Beam pipeline options." if is_beam else "")
     p = sub.add_parser(name, help=help_text, description=description)
@@ -66,6 +73,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _add_common(p)
       mod.add_arguments(p)
   return parser
+
+
+# Commands that check rather than make a stage's artifact: name -> (module, one-line help).
+TOOLS = {"check-release": ("pipelines.check_release",
+                           "Check released-layout npz files (ours or the official bucket's); exit 1 on a failure.")}
 
 
 def _command(argv: Sequence[str]) -> str | None:
@@ -78,6 +90,8 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     chain.run_chain(args.preset, args.out, force=args.force, beam_args=extra, until=args.until,
                     verify=args.verify, reuse_stale=args.reuse_stale)
     return 0
+  if args.command in TOOLS:
+    return importlib.import_module(TOOLS[args.command][0]).command(args, extra)
   mod = stages.module(args.command)
   if hasattr(mod, "command"):
     # Stages whose command line differs from "one config -> one artifact" (e.g. `train --workdir`, which
@@ -158,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser(_command(argv))
   args, extra = parser.parse_known_args(argv)
-  is_beam = args.command == "run" or stages.STAGES[args.command][2]
+  is_beam = args.command == "run" or (args.command in stages.STAGES and stages.STAGES[args.command][2])
   if extra and not (is_beam and all(a.startswith("--") or not a.startswith("-") for a in extra)):
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
   debug = bool(os.environ.get("ALIGNET_DEBUG"))
