@@ -54,6 +54,11 @@ def resolve(url: str, *, fmt: str = "auto", transform: str | None = None,
     if not fs.isdir(path):
       raise FileNotFoundError(f"No triplet shards at {url}: not a directory (give a triplets artifact, a published "
                               "version, or a folder of released <transform>/{train,val}_<sampling>.npz files).")
+    enclosing = _enclosing_artifact(url)
+    if enclosing is not None:  # E.g. X/npz of a triplets artifact X: its manifest checks the files, and its
+      art, prefix = enclosing  # provenance says which images the indices index.
+      names = [n for n in art.files if n.startswith(prefix + "/")]
+      return _choose(url, art, "npz", _npz_folders(names), transform, sampling)
   if fmt == "auto":
     fmt = detect_format(art)
   if fmt != "npz" and art is None:
@@ -64,6 +69,21 @@ def resolve(url: str, *, fmt: str = "auto", transform: str | None = None,
     if splits:
       return _choose(url, art, fmt, {"": splits}, transform, sampling)
   return _choose(url, art, "npz", _npz_folders(_names(art, url)), transform, sampling)
+
+
+def _enclosing_artifact(url: str, levels: int = 3) -> tuple[artifacts.Artifact, str] | None:
+  """(artifact, path of `url` inside it) for a folder inside an artifact, looking up to `levels` folders up."""
+  path, prefix = url.rstrip("/"), ""
+  for _ in range(levels):
+    parent, base = posixpath.split(path)
+    if not parent or not base or parent.endswith(":") or parent.endswith(":/"):
+      return None
+    prefix = f"{base}/{prefix}" if prefix else base
+    art = artifacts.try_load(parent)
+    if art is not None:
+      return art, prefix
+    path = parent
+  return None
 
 
 def detect_format(art: artifacts.Artifact | None) -> str:
