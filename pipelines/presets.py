@@ -18,7 +18,9 @@ _DEMO: dict[str, dict[str, Any]] = {
     "embed": {"model": "demo-teacher"},
     "align": {"loss": "soft"},
     "cluster": {},
-    "triplets": {"strategy": "cluster_boundary", "num": 20000, "num_valid": 2000,
+    # The released trainer's three validation sets (the demo pool has classes), 1000 triplets each.
+    "triplets": {"strategy": "cluster_boundary", "num": 20000, "num_valid": 1000,
+                 "valid_strategies": ["class_boundary", "within_class", "between_class"],
                  "formats": ["tfrecord", "parquet", "npz"]},
     "publish": {"name": "alignet-demo", "version": "0.1.0", "if_exists": "skip_identical"},
     "train": {"student": "demo-student"},

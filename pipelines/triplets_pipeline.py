@@ -1,13 +1,17 @@
 """Stage `triplets` (Beam): sample triplets, soft-label them with the teacher, write shards.
 
   alignet triplets --embeddings E --transform T --clusters C --strategy cluster_boundary --num 100000 \
-      --num-valid 10000 --seed 0 --format tfrecord,parquet,npz --out X [Beam options, e.g. --direct_num_workers=2]
+      --valid-strategies class_boundary,within_class,between_class --num-valid 10000 --seed 0 \
+      --format tfrecord,parquet,npz --out X [Beam options, e.g. --direct_num_workers=2]
 
-Elements are blocks of triplet ids, never single triplets: one per output shard,
+One training set and one validation set per --valid-strategies entry (default: one, with the training strategy),
+each named by its split key ``train_<sampling>`` / ``val_<sampling>`` as the released trainer names its files:
+``shards/<key>-%05d-of-%05d.{parquet,tfrecord}`` and ``npz/<transform>/<key>.npz``. Elements are blocks of
+triplet ids, never single triplets: one per output shard,
 
-  ShardSpecs        (split, shard, start, stop)   rows [start, stop) of a split
+  ShardSpecs        (key, shard, start, stop)     rows [start, stop) of a set
   Reshuffle                                       (spread over workers)
-  SampleLabelWrite  (split, shard, rows)          in blocks of block_size rows: sample (counter-based), label
+  SampleLabelWrite  (key, shard, rows)            in blocks of block_size rows: sample (counter-based), label
                                                   (compiled kernel), then write the shard's Parquet / TFRecord
                                                   files, its npz parts and its stats
 
@@ -50,7 +54,8 @@ def default_config() -> dict[str, Any]:
       "clusters": None,        # URL of a cluster artifact (needed by cluster_boundary; fills the clusters column).
       "strategy": "cluster_boundary",  # A strategy, or a mix "random:1,cluster_boundary:3" / {name: weight}.
       "num": 20000,            # Training triplets.
-      "num_valid": 2000,       # Validation triplets (disjoint triplet ids).
+      "num_valid": 2000,       # Triplets per validation set (disjoint triplet ids).
+      "valid_strategies": None,  # One validation set per strategy (list or "a,b"); None: one, the training mix.
       "seed": 0,
       "block_size": 4096,      # Triplets labelled at a time inside a shard (does not change any output byte).
       "label_threads": 0,      # Labelling kernel threads per worker; 0 = this machine's CPUs (no output byte moves).
@@ -70,12 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--strategy", help=f"One of {', '.join(sampling.STRATEGIES)}, or a mix like "
                       "random:1,cluster_boundary:3.")
   parser.add_argument("--num", type=int, help="Number of training triplets.")
-  parser.add_argument("--num-valid", type=int, help="Number of validation triplets.")
+  parser.add_argument("--num-valid", type=int, help="Number of triplets per validation set.")
+  parser.add_argument("--valid-strategies", help="Comma-separated strategies, one validation set each (e.g. "
+                      "class_boundary,within_class,between_class); default: one set with the training strategy.")
   parser.add_argument("--seed", type=int, help="Sampling seed.")
   parser.add_argument("--block-size", type=int, help="Triplets labelled at a time (memory vs overhead).")
   parser.add_argument("--label-threads", type=int, help="Labelling kernel threads per worker (0 = all CPUs).")
   parser.add_argument("--num-shards", type=int, help="Number of train shards.")
-  parser.add_argument("--num-valid-shards", type=int, help="Number of valid shards.")
+  parser.add_argument("--num-valid-shards", type=int, help="Number of shards per validation set.")
   parser.add_argument("--format", dest="formats", help="Comma-separated: parquet,tfrecord,npz.")
   parser.add_argument("--npz-sampling", help="Sampling tag in the npz name (default: derived).")
 
@@ -84,6 +91,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
   config = stages.apply_flags(default_config(), args)
   if isinstance(config["formats"], str):
     config["formats"] = [f.strip() for f in config["formats"].split(",") if f.strip()]
+  if isinstance(config["valid_strategies"], str):
+    config["valid_strategies"] = [s.strip() for s in config["valid_strategies"].split(",") if s.strip()]
   return config
 
 
@@ -105,7 +114,7 @@ _LOCK = threading.Lock()
 
 def _inputs(config: dict[str, Any]) -> triplet_blocks.TripletInputs:
   """Per-process cache: DoFn instances on one worker share one copy of the embeddings."""
-  keys = ("embeddings", "split", "transform", "clusters", "strategy", "seed")
+  keys = ("embeddings", "split", "transform", "clusters", "strategy", "valid_strategies", "seed")
   key = artifacts.digest({k: config[k] for k in keys})
   with _LOCK:
     if key not in _LOADED:
@@ -115,27 +124,27 @@ def _inputs(config: dict[str, Any]) -> triplet_blocks.TripletInputs:
     return _LOADED[key]
 
 
-def write_shard(inputs: triplet_blocks.TripletInputs, config: dict[str, Any], out_url: str, split: str, shard: int,
-                start: int, stop: int) -> dict[str, Any]:
-  """Make one shard and write its files (each format, npz parts) and its stats; returns the stats."""
+def write_shard(inputs: triplet_blocks.TripletInputs, config: dict[str, Any], out_url: str,
+                split: triplet_plan.SplitPlan, shard: int, start: int, stop: int) -> dict[str, Any]:
+  """Make one shard of a set and write its files (each format, npz parts) and its stats; returns the stats."""
   timer: dict[str, float] = {}
   tic = time.perf_counter()
   columns = triplet_blocks.make_shard(inputs, config, split, start, stop, timer)
   made = time.perf_counter()
-  count = triplet_plan.split_shards(config)[split]
   record = {k: v for k, v in columns.items() if not k.startswith("_")}
   for fmt in config["formats"]:
     if fmt in _EXT:
-      url = artifacts.join(out_url, shards.shard_name(split, shard, count, _EXT[fmt]))
+      url = artifacts.join(out_url, shards.shard_name(split.key, shard, split.shards, _EXT[fmt]))
       (shards.write_parquet if fmt == "parquet" else shards.write_tfrecord)(url, record)
   if "npz" in config["formats"]:
     for name, array in shards.npz_arrays(record, inputs.emb.file_names.dtype).items():
-      artifacts.write_bytes(artifacts.join(out_url, _npz_part(split, shard, name)),
+      artifacts.write_bytes(artifacts.join(out_url, _npz_part(split.key, shard, name)),
                             memoryview(np.ascontiguousarray(array)).cast("B"))
   stats = triplet_blocks.shard_stats(columns, int(config["entropy_bins"]))
   stats["seconds"] = {"make": made - tic, "label": timer.get("label_seconds", 0.0),
                       "label_cpu": timer.get("label_cpu_seconds", 0.0), "write": time.perf_counter() - made}
-  artifacts.write_bytes(artifacts.join(out_url, _STATS_DIR, f"{split}-{shard:05d}.json"), artifacts.json_bytes(stats))
+  artifacts.write_bytes(artifacts.join(out_url, _STATS_DIR, f"{split.key}-{shard:05d}.json"),
+                        artifacts.json_bytes(stats))
   return stats
 
 
@@ -151,14 +160,16 @@ def _beam():
   return beam
 
 
-def SampleTriplets(config: dict[str, Any], out_url: str):  # noqa: N802 (a PTransform factory)
-  """The composite transform: PBegin -> (split, shard, rows) per written shard."""
+def SampleTriplets(config: dict[str, Any], out_url: str,  # noqa: N802 (a PTransform factory)
+                   plan: dict[str, triplet_plan.SplitPlan]):
+  """The composite transform: PBegin -> (split key, shard, rows) per written shard of the plan's sets."""
   beam = _beam()
 
   class WriteShard(beam.DoFn):
-    def __init__(self, config: dict[str, Any], out_url: str):
+    def __init__(self, config: dict[str, Any], out_url: str, plan: dict[str, triplet_plan.SplitPlan]):
       self._config = config
       self._out = out_url
+      self._plan = plan
       self._shards = beam.metrics.Metrics.counter(STAGE, "shards")
       self._triplets = beam.metrics.Metrics.counter(STAGE, "triplets")
 
@@ -166,20 +177,20 @@ def SampleTriplets(config: dict[str, Any], out_url: str):  # noqa: N802 (a PTran
       self._inputs = _inputs(self._config)
 
     def process(self, spec):
-      split, shard, start, stop = spec
-      stats = write_shard(self._inputs, self._config, self._out, split, shard, start, stop)
+      key, shard, start, stop = spec
+      stats = write_shard(self._inputs, self._config, self._out, self._plan[key], shard, start, stop)
       self._shards.inc()
       self._triplets.inc(stats["rows"])
-      yield split, shard, stats["rows"]
+      yield key, shard, stats["rows"]
 
   class _SampleTriplets(beam.PTransform):
     def expand(self, pbegin):
       return (pbegin
-              | "ShardSpecs" >> beam.Create(triplet_plan.shard_specs(config))
-              # (split, shard, start row, end row): a block of triplet ids
+              | "ShardSpecs" >> beam.Create(triplet_plan.shard_specs(plan))
+              # (split key, shard, start row, end row): a block of triplet ids
               | "Reshuffle" >> beam.Reshuffle()
-              | "SampleLabelWrite" >> beam.ParDo(WriteShard(config, out_url)))
-      # (split, shard, rows)
+              | "SampleLabelWrite" >> beam.ParDo(WriteShard(config, out_url, plan)))
+      # (split key, shard, rows)
 
   return _SampleTriplets()
 
@@ -201,15 +212,16 @@ def check_config(config: dict[str, Any]) -> None:
       raise ValueError(f"{key} must be >= 0, got {config[key]}.")
   if int(config["num"]) == 0:
     raise ValueError("num must be > 0: a dataset needs training triplets.")
-  if int(config["num_valid"]) >= triplet_plan.VALID_ID_BASE or int(config["num"]) >= triplet_plan.VALID_ID_BASE:
-    raise ValueError(f"At most {triplet_plan.VALID_ID_BASE - 1} triplets per split (triplet ids of train and valid are "
-                     "disjoint ranges).")
+  if max(int(config["num_valid"]), int(config["num"])) >= triplet_plan.ID_STRIDE:
+    raise ValueError(f"At most {triplet_plan.ID_STRIDE - 1} triplets per set (the sets' triplet ids are disjoint "
+                     "ranges).")
   if int(config.get("label_threads") or 0) < 0:
     raise ValueError(f"label_threads must be >= 0 (0 = all CPUs), got {config['label_threads']}.")
   for key in ("num_shards", "num_valid_shards", "block_size"):
     if int(config[key]) < 1:
       raise ValueError(f"{key} must be >= 1, got {config[key]}.")
-  triplet_plan.strategy_ranges(config)  # Known strategy names, finite non-negative weights.
+  sampling.allocate(1, sampling.parse_strategy(config["strategy"]))  # Known names, finite non-negative weights.
+  triplet_plan.valid_strategies(config)  # Known names, each once.
 
 
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -217,17 +229,18 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   tic = time.perf_counter()
   inputs = _inputs(config)  # Fail early (and clearly) on bad inputs, before Beam starts.
   loaded = time.perf_counter()
-  for name, count in triplet_plan.strategy_totals(config).items():
+  plan = triplet_plan.splits(config, inputs.k)
+  for name, count in triplet_plan.strategy_totals(plan).items():
     inputs.samplers[name].check_count(count)
 
   beam = _beam()
   from apache_beam.options.pipeline_options import PipelineOptions
-  print(f"[{STAGE}] {sum(triplet_plan.split_sizes(config).values())} triplets in "
-        f"{len(triplet_plan.shard_specs(config))} shards (Beam {' '.join(beam_args) or 'DirectRunner'})", flush=True)
+  print(f"[{STAGE}] {sum(s.num for s in plan.values())} triplets in {len(triplet_plan.shard_specs(plan))} shards "
+        f"of {', '.join(plan)} (Beam {' '.join(beam_args) or 'DirectRunner'})", flush=True)
   with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
-    _ = p | "Triplets" >> SampleTriplets(config, writer.tmp_url)
+    _ = p | "Triplets" >> SampleTriplets(config, writer.tmp_url, plan)
   ran = time.perf_counter()
-  report = _finish(config, writer, inputs)
+  report = _finish(config, writer, inputs, plan)
   timing = report.pop("_timing")
   bandwidth, bandwidth_cpu = triplet_blocks.read_bandwidth(inputs.vectors)
   floor, floor_cpu = timing["label_bytes"] / bandwidth, timing["label_bytes"] / bandwidth_cpu
@@ -245,60 +258,56 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   return report
 
 
-def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter,
-            inputs: triplet_blocks.TripletInputs) -> dict[str, Any]:
+def _finish(config: dict[str, Any], writer: artifacts.ArtifactWriter, inputs: triplet_blocks.TripletInputs,
+            plan: dict[str, triplet_plan.SplitPlan]) -> dict[str, Any]:
   """Check every file against the schema, aggregate shard stats, assemble the npz, write the index."""
-  sizes, counts = triplet_plan.split_sizes(config), triplet_plan.split_shards(config)
   stats: dict[str, list[dict[str, Any]]] = {}
   index: dict[str, Any] = {}
-  for split, n in sizes.items():
-    if n == 0:
-      continue
-    bounds = shards.shard_bounds(n, counts[split])
-    stats[split] = []
-    for i in range(counts[split]):
-      with writer.open(f"{_STATS_DIR}/{split}-{i:05d}.json", "rb") as f:
-        stats[split].append(json.loads(f.read()))
+  for key, split in plan.items():
+    bounds = shards.shard_bounds(split.num, split.shards)
+    stats[key] = []
+    for i in range(split.shards):
+      with writer.open(f"{_STATS_DIR}/{key}-{i:05d}.json", "rb") as f:
+        stats[key].append(json.loads(f.read()))
       expected = int(bounds[i + 1] - bounds[i])
       for fmt in config["formats"]:
         if fmt in _EXT:
-          name = shards.shard_name(split, i, counts[split], _EXT[fmt])
+          name = shards.shard_name(key, i, split.shards, _EXT[fmt])
           url = writer.path(name)
           rows = shards.check_parquet(url) if fmt == "parquet" else shards.check_tfrecord(url, decode_limit=100)
           if rows != expected:
             raise RuntimeError(f"{name}: {rows} rows written, expected {expected}.")
           writer.set_rows(name, rows)
-    index[split] = {"num": n, "shards": counts[split], "shard_lengths": np.diff(bounds).tolist(),
-                    "triplet_ids": [triplet_plan.id_base(split), triplet_plan.id_base(split) + n]}
+    index[key] = {"strategy": split.strategy, "sampling": split.sampling, "num": split.num, "shards": split.shards,
+                  "shard_lengths": np.diff(bounds).tolist(), "triplet_ids": [split.id_base, split.id_base + split.num]}
   writer.fs.rm(writer.local_path(_STATS_DIR), recursive=True)
 
-  strategies = sorted(sampling.parse_strategy(config["strategy"]))
   npz = None
   tic = time.perf_counter()
   if "npz" in config["formats"]:
-    sampling_tag = config["npz_sampling"] or shards.sampling_name(strategies, inputs.k)
     transform = "uncertainty_distillation" if config.get("transform") else "untransformed"
+    dtypes = {"filenames": inputs.emb.file_names.dtype, "similarities": np.dtype(np.float32),
+              "indices": np.dtype(np.int64)}
     npz = {}
-    for split in stats:
-      n = sizes[split]
-      dtypes = {"filenames": inputs.emb.file_names.dtype, "similarities": np.dtype(np.float32),
-                "indices": np.dtype(np.int64)}
-      arrays = {name: (dtype, (n, 3), _read_parts(writer, split, counts[split], name))
+    for key, split in plan.items():
+      arrays = {name: (dtype, (split.num, 3), _read_parts(writer, key, split.shards, name))
                 for name, dtype in dtypes.items()}
-      name = f"{shards.NPZ_DIR}/{shards.npz_name(transform, split, sampling_tag)}"
+      name = f"{shards.NPZ_DIR}/{shards.npz_name(transform, split.role, split.sampling)}"
       with writer.open(name, "wb") as f:
         shards.write_npz_parts(f, arrays)
-      writer.set_rows(name, n)
-      npz[split] = name
+      writer.set_rows(name, split.num)
+      npz[key] = name
     writer.fs.rm(writer.local_path(_NPZ_PARTS), recursive=True)
   npz_seconds = time.perf_counter() - tic
+  provenance = triplet_blocks.indices_provenance(config["embeddings"], config["split"])
   writer.write_json("triplets.json", {
       "schema": shards.SCHEMA_NAME, "schema_version": shards.SCHEMA_VERSION, "splits": index,
-      "formats": config["formats"], "npz": npz, "embeddings": config["embeddings"], "split": config["split"],
-      "transform": config["transform"], "clusters": config["clusters"]})
+      "formats": config["formats"], "npz": npz, "indices": provenance, "embeddings": config["embeddings"],
+      "split": config["split"], "transform": config["transform"], "clusters": config["clusters"]})
   with writer.open(f"schema/{shards.SCHEMA_FILE}", "wb") as f:
     f.write(json.dumps(shards.schema_spec(), indent=2).encode() + b"\n")
   report = triplet_blocks.report(config, stats, inputs, npz)
+  report["indices"] = provenance
   all_stats = [s for split in sorted(stats) for s in stats[split]]
   report["_timing"] = {
       "npz_seconds": round(npz_seconds, 3),

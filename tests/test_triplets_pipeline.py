@@ -59,14 +59,15 @@ def triplets(world):
 
 def test_report_counts_every_split_and_strategy(triplets):
   r = triplets.report
-  assert r["triplets"] == 3000 and r["splits"] == {"train": 3000, "valid": 300}
-  assert r["strategies_by_split"]["train"] == {"cluster_boundary": 1200, "random": 600, "class_boundary": 600,
+  assert r["triplets"] == 3000 and r["splits"] == {"train_mixed": 3000, "val_mixed": 300}
+  assert r["strategies_by_split"]["train_mixed"] == {"cluster_boundary": 1200, "random": 600, "class_boundary": 600,
                                                "within_class": 600}
   assert sum(r["strategies"].values()) == 3300
   assert sum(r["entropy"]["histogram"]["counts"]) == 3300
   assert 0.0 < r["entropy"]["mean"] < np.log(3)
   assert 0.0 <= r["odd_one_out_changed"] <= 1.0 and r["transformed"] and r["k"] == 8
-  assert r["shards"] == {"train": 3, "valid": 1}
+  assert r["shards"] == {"train_mixed": 3, "val_mixed": 1}
+  assert r["indices"] == {"source": None, "tfds_imagenet2012_train_order": False, "note": r["indices"]["note"]}
 
 
 def test_every_record_satisfies_the_schema_and_the_sampling_constraints(world, triplets):
@@ -74,7 +75,7 @@ def test_every_record_satisfies_the_schema_and_the_sampling_constraints(world, t
   emb = embeddings.load(emb_art, "pool")
   cl = clustering.load(cl_art)
   train = shards.read_split(triplets, "train")
-  valid = shards.read_split(triplets, "valid")
+  valid = shards.read_split(triplets, "val_mixed")
   for cols in (train, valid):
     s = cols["similarities"]
     assert np.all(s[:, 0] >= s[:, 1]) and np.all(s[:, 1] >= s[:, 2])
@@ -92,7 +93,7 @@ def test_every_record_satisfies_the_schema_and_the_sampling_constraints(world, t
       assert np.all(pair_same == 1), strategy  # Exactly one pair shares a group: 2 from one, 1 from another.
     g = cols["labels"][cols["strategy"] == "within_class"]
     assert np.all((g[:, 0] == g[:, 1]) & (g[:, 1] == g[:, 2]))
-  # Train ids 0..2999 in shard order; valid ids are disjoint.
+  # Train ids 0..2999 in shard order; validation ids are disjoint.
   np.testing.assert_array_equal(train["triplet_id"], np.arange(3000))
   np.testing.assert_array_equal(valid["triplet_id"], triplet_plan.VALID_ID_BASE + np.arange(300))
 
@@ -102,7 +103,7 @@ def test_tfrecord_and_npz_hold_the_same_triplets_as_parquet(triplets):
   tf_train = shards.read_split(triplets, "train", fmt="tfrecord")
   for k in train:
     np.testing.assert_array_equal(train[k], tf_train[k], err_msg=k)
-  name = triplets.report["npz"]["train"]
+  name = triplets.report["npz"]["train_mixed"]
   assert name == "npz/uncertainty_distillation/train_mixed.npz"  # A strategy mix is tagged "mixed".
   with triplets.open(name) as f:
     z = shards.read_npz(f)
@@ -132,19 +133,67 @@ def test_same_bytes_whatever_block_size_worker_and_thread_count(world, triplets,
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_one_validation_set_per_strategy_under_the_released_names(world, tmp_path):
+  _, emb_art, _, config = world
+  conf = config | {"strategy": "cluster_boundary", "valid_strategies": "class_boundary,within_class,between_class",
+                   "num": 600, "num_valid": 120, "num_shards": 2, "num_valid_shards": 2, "formats": ["parquet", "npz"]}
+  art = _run(conf, tmp_path / "v")
+  info = art.read_json("triplets.json")
+  keys = ["train_cluster_border_8", "val_between_class", "val_class_border", "val_within_class"]
+  assert sorted(info["splits"]) == keys and info["npz"] == {k: f"npz/uncertainty_distillation/{k}.npz" for k in keys}
+  assert {k: (e["strategy"], e["sampling"], e["num"]) for k, e in info["splits"].items()} == {
+      "train_cluster_border_8": ("cluster_boundary", "cluster_border_8", 600),
+      "val_between_class": ("between_class", "between_class", 120),
+      "val_class_border": ("class_boundary", "class_border", 120),
+      "val_within_class": ("within_class", "within_class", 120)}
+  assert not [n for n in art.files if "valid" in n]
+  ranges = sorted(tuple(e["triplet_ids"]) for e in info["splits"].values())
+  assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:], strict=False))  # Disjoint ids.
+  emb = embeddings.load(emb_art, "pool")
+  same_pairs = {"val_between_class": 0, "val_class_border": 1, "val_within_class": 3}
+  for key, pairs in same_pairs.items():
+    cols = shards.read_split(art, key)
+    assert set(cols["strategy"]) == {info["splits"][key]["strategy"]}
+    g = emb.labels[emb.rows(cols["indices"])]
+    assert np.all((g[:, 0] == g[:, 1]).astype(int) + (g[:, 0] == g[:, 2]) + (g[:, 1] == g[:, 2]) == pairs), key
+    with art.open(info["npz"][key]) as f:
+      np.testing.assert_array_equal(shards.read_npz(f)["indices"], cols["indices"])
+  # A validation set is the same bytes whatever --num, the other validation sets, the workers and the block size.
+  other = _run(conf | {"num": 300, "valid_strategies": ["between_class", "random"], "block_size": 37}, tmp_path / "w",
+               ["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+  assert sorted(other.read_json("triplets.json")["splits"]) == ["train_cluster_border_8", "val_between_class",
+                                                                  "val_random"]
+  for name in ("shards/val_between_class-00001-of-00002.parquet", info["npz"]["val_between_class"]):
+    assert other.files[name]["sha256"] == art.files[name]["sha256"], name
+
+
 def test_untransformed_labels_and_clear_errors(world, tmp_path):
   _, emb, cl, config = world
   raw = _run(config | {"transform": None, "strategy": "random", "num": 200, "num_valid": 0, "num_shards": 5,
                        "formats": ["parquet", "npz"]}, tmp_path / "raw")
-  assert raw.report["odd_one_out_changed"] is None and raw.report["splits"] == {"train": 200}
-  assert raw.report["npz"] == {"train": "npz/untransformed/train_random.npz"}
+  assert raw.report["odd_one_out_changed"] is None and raw.report["splits"] == {"train_random": 200}
+  assert raw.report["npz"] == {"train_random": "npz/untransformed/train_random.npz"}
   with pytest.raises(ValueError, match="needs clusters: pass --clusters"):
     _run(config | {"clusters": None, "strategy": "cluster_boundary"}, tmp_path / "e1")
+  with pytest.raises(ValueError, match="Unknown validation strategy 'valid'"):
+    _run(config | {"valid_strategies": "valid"}, tmp_path / "e4")
+  with pytest.raises(ValueError, match="needs at least 3 distinct labels"):
+    _run(config | {"strategy": "random", "valid_strategies": "between_class", "transform": None, "clusters": None,
+                   "embeddings": _two_class_embeddings(tmp_path)}, tmp_path / "e5")
   with pytest.raises(ValueError, match="Unknown output format"):
     _run(config | {"formats": ["csv"]}, tmp_path / "e2")
   with pytest.raises(ValueError, match="distinct ones exist"):
     _run(config | {"strategy": "random", "num": 40_000_000}, tmp_path / "e3")
   assert not (tmp_path / "e3").exists()
+
+
+def _two_class_embeddings(tmp_path):
+  def embed(writer):
+    entry = embeddings.write_split(writer, "pool", np.arange(10), np.arange(10) % 2, [f"i{i}" for i in range(10)],
+                                   np.random.default_rng(0).normal(size=(10, D)).astype(np.float32), ids_per_shard=16)
+    embeddings.write_index(writer, {"pool": entry})
+    return {}
+  return artifacts.run_stage("embed", str(tmp_path / "two"), {}, {}, embed, log=_quiet).url
 
 
 def test_publish_the_triplets_and_read_them_back(world, triplets):
@@ -155,8 +204,8 @@ def test_publish_the_triplets_and_read_them_back(world, triplets):
                             lambda w: publish_stage.run(config, w), log=_quiet)
   published = publishing.verify(art.report["published_to"])
   assert published.manifest["publication"]["source_digest"] == triplets.digest
-  np.testing.assert_array_equal(shards.read_split(published, "valid")["indices"],
-                                shards.read_split(triplets, "valid")["indices"])
+  np.testing.assert_array_equal(shards.read_split(published, "val")["indices"],
+                                shards.read_split(triplets, "val")["indices"])
 
 
 def test_card_of_demo_world_triplets_shows_their_images(tmp_path):
@@ -179,7 +228,7 @@ def test_card_of_demo_world_triplets_shows_their_images(tmp_path):
 
   emb = artifacts.run_stage("embed", str(tmp_path / "embed"), {}, {}, embed, log=_quiet)
   config = tp.default_config() | {"embeddings": emb.url, "strategy": "random:1,class_boundary:1", "num": 40,
-                                  "num_valid": 0, "num_shards": 1, "formats": ["parquet"]}
+                                  "num_valid": 0, "num_shards": 1, "formats": ["parquet", "npz"]}
   trip = _run(config, tmp_path / "triplets")
   out = publishing.publish(trip.url, str(tmp_path / "bucket"), "demo", "0.1.0", log=_quiet)
   dest = tmp_path / "bucket" / "demo" / "0.1.0"
@@ -187,6 +236,10 @@ def test_card_of_demo_world_triplets_shows_their_images(tmp_path):
   card = (dest / "README.md").read_text()
   assert f"![sample triplets per strategy]({publishing.SAMPLES_PLOT})" in card
   assert card.count("| `random` |") == card.count("| `class_boundary` |") == publishing.SAMPLES_PER_STRATEGY
+  # The demo world's indices are not imagenet2012 train record indices, and the card says so beside the npz hint.
+  assert trip.read_json("triplets.json")["indices"]["tfds_imagenet2012_train_order"] is False
+  assert "`untransformed/train_mixed.npz`" in card and "Caution: that trainer looks every index up" in card
+  assert "Indices into the demo world's images" in card
   assert out["files"] == len(trip.files) + 3  # README.md, the entropy histogram, the grid
 
 

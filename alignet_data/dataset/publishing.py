@@ -249,14 +249,17 @@ def dataset_card(src: artifacts.Artifact, name: str, version: str, dest: str) ->
 
 
 def sample_triplets(src: artifacts.Artifact, per_strategy: int = SAMPLES_PER_STRATEGY) -> dict[str, dict[str, Any]]:
-  """The first `per_strategy` train triplets of each strategy (shard order): {strategy: columns}.
+  """The first `per_strategy` training triplets of each strategy (shard order): {strategy: columns}.
 
   Reads only the needed Parquet columns, shard by shard, and stops once every strategy has its samples.
   """
   import pyarrow as pa
   import pyarrow.parquet as pq
-  names = src.glob("shards/train-*.parquet")
-  wanted = set((src.report.get("strategies") or {}) if src.exists(artifacts.REPORT) else {})
+  names = src.glob("shards/train*-*.parquet")  # train_<sampling>-... (older artifacts: train-...)
+  report = src.report if src.exists(artifacts.REPORT) else {}
+  by_split = report.get("strategies_by_split") or {}
+  train = [set(v) for k, v in by_split.items() if k.startswith("train")]  # Validation sets may use others.
+  wanted = set.union(*train) if train else set(report.get("strategies") or {})
   cols = ["strategy", "indices", "file_names", "similarities", "soft_label"]
   found: dict[str, dict[str, list]] = {}
   for shard in names:
@@ -374,6 +377,7 @@ def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, versi
   config = src.config
   splits = report.get("splits", {})
   npz = report.get("npz") or {}
+  train = next((k for k in splits if k.startswith("train")), "train")  # train_<sampling> (older: train)
   lines = [
       f"# {name} {version}",
       "",
@@ -388,7 +392,8 @@ def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, versi
       f"- stage `{src.stage}`, code version `{src.manifest.get('code_version')}`, created "
       f"{src.manifest.get('created')}",
   ]
-  for key in ("embeddings", "split", "transform", "clusters", "strategy", "num", "num_valid", "seed"):
+  for key in ("embeddings", "split", "transform", "clusters", "strategy", "num", "valid_strategies", "num_valid",
+              "seed"):
     if key in config:
       lines.append(f"- `{key}`: `{json.dumps(config[key])}`")
   lines.append(f"- input digests: `{json.dumps(src.manifest.get('inputs', {}), sort_keys=True)}`")
@@ -427,13 +432,13 @@ def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, versi
       "```python",
       "import glob, pyarrow.parquet as pq",
       f"ROOT = '{dest}'  # wherever this version lives (gs://... works through fsspec)",
-      "train = pq.ParquetDataset(sorted(glob.glob(f'{ROOT}/shards/train-*.parquet'))).read()  # .to_pandas()",
+      f"train = pq.ParquetDataset(sorted(glob.glob(f'{{ROOT}}/shards/{train}-*.parquet'))).read()  # .to_pandas()",
       "```",
       "tf.data:",
       "```python",
       "import tensorflow as tf",
       "from alignet_data import shards  # or write the spec from the schema table above",
-      "files = sorted(tf.io.gfile.glob(f'{ROOT}/shards/train-*.tfrecord'))",
+      f"files = sorted(tf.io.gfile.glob(f'{{ROOT}}/shards/{train}-*.tfrecord'))",
       "data = tf.data.TFRecordDataset(files).batch(512).map(",
       "    lambda x: tf.io.parse_example(x, shards.tf_feature_spec()))",
       "```",
@@ -444,8 +449,7 @@ def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, versi
       "```",
   ]
   if npz:
-    lines += ["The released AligNet trainer (google-deepmind/alignet) reads the npz files: point its `data_dir` at "
-              f"`{dest}/npz` (files: {', '.join(f'`{v}`' for v in npz.values())}).", ""]
+    lines += _npz_hint(npz, report.get("indices"), dest)
   lines += [
       "",
       "## Licence notes",
@@ -456,3 +460,17 @@ def _card_text(src: artifacts.Artifact, report: dict[str, Any], name: str, versi
       "",
   ]
   return "\n".join(lines)
+
+
+def _npz_hint(npz: dict[str, str], indices: dict[str, Any] | None, dest: str) -> list[str]:
+  """How the released trainer reads the npz files, and whether their `indices` are the images it loads."""
+  paths = [posixpath.relpath(v, "npz") for v in npz.values()]
+  lines = ["The released AligNet trainer (google-deepmind/alignet, `data.py`) reads "
+           "`<data_dir>/<transform>/{train,val}_<sampling>.npz`: point its `data_dir` at "
+           f"`{dest}/npz` (files: {', '.join(f'`{p}`' for p in paths)}).", ""]
+  if indices and not indices.get("tfds_imagenet2012_train_order"):
+    lines += [f"Caution: that trainer looks every index up in imagenet2012 train. {indices.get('note')}", ""]
+  elif indices:
+    lines += ["Their `indices` are record indices of `tfds.data_source('imagenet2012', split='train')`, the images "
+              "that trainer loads.", ""]
+  return lines

@@ -11,6 +11,9 @@ Strategies (paper, Methods "Triplet sampling"; items are row positions into an e
   least 2 items, 2 distinct items from it, then 1 item uniform among all items outside it. Columns are
   (pair, pair, odd) as sampled; the labeller reorders by the teacher's similarities.
 - ``within_class``: a class uniform among classes with at least 3 items, 3 distinct items from it.
+- ``between_class``: 3 distinct classes uniform among all classes, then 1 item uniform within each (the released
+  ``val_between_class`` set: three images from three different classes). Its item draws come from a second
+  counter stream (key of ``between_class/items``), so every strategy keeps four words per triplet.
 
 Groups too small to draw from are skipped (reported by `TripletSampler.describe`); a strategy with no usable
 group raises. Triplets are drawn independently, so duplicates are possible (as in the released data); asking
@@ -26,8 +29,12 @@ import math
 import numpy as np
 
 SAMPLER_VERSION = 1
-STRATEGIES = ("random", "class_boundary", "cluster_boundary", "within_class")
-GROUPED = {"class_boundary": "labels", "cluster_boundary": "clusters", "within_class": "labels"}
+# Append only: a validation set's triplet ids are placed by its strategy's position here (`triplet_plan`).
+STRATEGIES = ("random", "class_boundary", "cluster_boundary", "within_class", "between_class")
+GROUPED = {"class_boundary": "labels", "cluster_boundary": "clusters", "within_class": "labels",
+           "between_class": "labels"}
+_NEED = {"class_boundary": 2, "cluster_boundary": 2, "within_class": 3, "between_class": 1}  # Items per group.
+_MIN_GROUPS = {"class_boundary": 2, "cluster_boundary": 2, "within_class": 1, "between_class": 3}
 _DRAWS = 4  # Random words per triplet (the most any strategy uses).
 
 
@@ -94,6 +101,7 @@ class TripletSampler:
     self.num_items = int(num_items)
     self.seed = int(seed)
     self.key = strategy_key(seed, strategy)
+    self.item_key = strategy_key(seed, f"{strategy}/items")
     if strategy == "random":
       if self.num_items < 3:
         raise ValueError(f"Random sampling needs at least 3 items, got {self.num_items}.")
@@ -109,15 +117,14 @@ class TripletSampler:
                                                            return_counts=True)
     self.starts = self.starts.astype(np.int64)
     self.sizes = self.sizes.astype(np.int64)
-    need = 3 if strategy == "within_class" else 2
+    need, what = _NEED[strategy], GROUPED[strategy]
     self.eligible = np.flatnonzero(self.sizes >= need)
-    what = GROUPED[strategy]
     if self.eligible.size == 0:
       raise ValueError(
           f"Strategy {strategy!r} needs a group ({what}) with at least {need} items; the largest has "
           f"{self.sizes.max()}. Use fewer clusters (--k) or another strategy.")
-    if strategy != "within_class" and self.group_values.size < 2:
-      raise ValueError(f"Strategy {strategy!r} needs at least 2 distinct {what}, got only "
+    if self.group_values.size < _MIN_GROUPS[strategy]:
+      raise ValueError(f"Strategy {strategy!r} needs at least {_MIN_GROUPS[strategy]} distinct {what}, got only "
                        f"{self.group_values.tolist()}. Use more clusters or `random`.")
 
   def describe(self) -> dict:
@@ -134,6 +141,11 @@ class TripletSampler:
     sizes = [int(s) for s in self.sizes[self.eligible]]
     if self.strategy == "within_class":
       return sum(math.comb(s, 3) for s in sizes)
+    if self.strategy == "between_class":  # e3(sizes): one item from each of 3 distinct groups.
+      e1 = e2 = e3 = 0
+      for s in sizes:
+        e1, e2, e3 = e1 + s, e2 + e1 * s, e3 + e2 * s
+      return e3
     return sum(math.comb(s, 2) * (self.num_items - s) for s in sizes)
 
   def check_count(self, count: int) -> None:
@@ -148,6 +160,11 @@ class TripletSampler:
     u = [bits[:, d] for d in range(_DRAWS)]
     if self.strategy == "random":
       return np.stack(distinct_three(u[0], u[1], u[2], self.num_items), axis=-1)
+    if self.strategy == "between_class":
+      groups = np.stack(distinct_three(u[0], u[1], u[2], self.eligible.size), axis=-1)
+      g = self.eligible[groups]
+      items = random_bits(self.item_key, triplet_ids, 3)
+      return self.order[self.starts[g] + _below(items, self.sizes[g])]
     g = self.eligible[_below(u[0], self.eligible.size)]
     start, size = self.starts[g], self.sizes[g]
     if self.strategy == "within_class":

@@ -31,14 +31,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignet_data import artifacts
+from alignet_data import artifacts, checks
 
 SCHEMA_NAME = "triplets"
 SCHEMA_VERSION = 1
 SCHEMA_FILE = f"triplets_v{SCHEMA_VERSION}.json"
 SHARD_DIR = "shards"
 NPZ_DIR = "npz"
-SPLITS = ("train", "valid")
+ROLES = ("train", "val")  # A set's split key is <role>_<sampling tag>, the released trainer's file stem.
 _COMPRESSION = "zstd"
 _ARROW = {"int64": pa.int64(), "float32": pa.float32(), "string": pa.string()}
 _NUMPY = {"int64": np.int64, "float32": np.float32, "string": np.str_}
@@ -427,10 +427,19 @@ def check_tfrecord(url: str, decode_limit: int | None = None) -> int:
 # ------------------------------------------------------------------------------------------------- Layout
 
 
+def split_key(role: str, sampling: str) -> str:
+  """``train_<sampling>`` / ``val_<sampling>``: the name of a set's shards and of its released npz file."""
+  if role not in ROLES:
+    raise ValueError(f"Unknown split role {role!r}; triplet sets are {ROLES}.")
+  return f"{role}_{checks.check_name(sampling, 'sampling tag')}"
+
+
 def shard_name(split: str, index: int, count: int, ext: str) -> str:
-  if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; triplet shards have splits {SPLITS}.")
-  return f"{SHARD_DIR}/{split}-{index:05d}-of-{count:05d}.{ext}"
+  """``shards/<split key>-%05d-of-%05d.<ext>``."""
+  if not split.startswith(ROLES):
+    raise ValueError(f"Unknown split {split!r}; triplet shards are named by split keys {ROLES[0]}_<sampling> and "
+                     f"{ROLES[1]}_<sampling>.")
+  return f"{SHARD_DIR}/{checks.check_name(split, 'split key')}-{index:05d}-of-{count:05d}.{ext}"
 
 
 def shard_bounds(num: int, num_shards: int) -> np.ndarray:
@@ -440,8 +449,20 @@ def shard_bounds(num: int, num_shards: int) -> np.ndarray:
   return np.array([num * i // num_shards for i in range(num_shards + 1)], dtype=np.int64)
 
 
+def split_keys(artifact: artifacts.Artifact, fmt: str = "parquet") -> list[str]:
+  """The split keys of an artifact's shards in one format, sorted."""
+  tail = len("-00000-of-00000.") + len(fmt)
+  return sorted({posixpath.basename(n)[:-tail] for n in artifact.glob(f"{SHARD_DIR}/*-*-of-*.{fmt}")})
+
+
 def read_split(artifact: artifacts.Artifact, split: str, fmt: str = "parquet") -> Columns:
-  """Every record of a split in shard order (Parquet or TFRecord shards of a triplets artifact)."""
+  """Every record of a set in shard order (Parquet or TFRecord shards of a triplets artifact); `split` is a split
+  key, or a role (train, val) that only one set of the artifact has."""
+  if split in ROLES:
+    keys = [k for k in split_keys(artifact, fmt) if k.startswith(f"{split}_")]
+    if len(keys) > 1:
+      raise ValueError(f"{artifact.url} has several {split} sets {keys}; name one.")
+    split = keys[0] if keys else split
   names = artifact.glob(f"{SHARD_DIR}/{split}-*.{fmt}")
   if not names:
     raise FileNotFoundError(f"No {fmt} shards of split {split!r} in {artifact.url}.")
@@ -453,20 +474,24 @@ def read_split(artifact: artifacts.Artifact, split: str, fmt: str = "parquet") -
 
 TRANSFORM_NAMES = ("uncertainty_distillation", "untransformed")
 _SAMPLING_NAMES = {"cluster_boundary": "cluster_border_{k}", "class_boundary": "class_border",
-                   "within_class": "within_class", "random": "random"}
+                   "within_class": "within_class", "between_class": "between_class", "random": "random"}
 
 
 def sampling_name(strategies: Iterable[str], k: int | None = None) -> str:
-  """The released trainer's sampling tag: cluster_border_500, class_border, within_class, random or mixed."""
+  """The released trainer's sampling tag: cluster_border_500, class_border, within_class, between_class, random,
+  or mixed (a mix of strategies)."""
   strategies = sorted(set(strategies))
   if len(strategies) != 1:
     return "mixed"
   name = _SAMPLING_NAMES[strategies[0]]
+  if "{k}" in name and k is None:
+    raise ValueError(f"The sampling tag of {strategies[0]} names the cluster count k; no clusters were given.")
   return name.format(k=k) if "{k}" in name else name
 
 
 def npz_name(transform: str, split: str, sampling: str) -> str:
-  """``<transform>/<split>_<sampling>.npz``: the path the released trainer reads under its data_dir."""
+  """``<transform>/<split>_<sampling>.npz`` (split train or val: ``<transform>/<split key>.npz``), the path the
+  released trainer reads under its data_dir."""
   if transform not in TRANSFORM_NAMES:
     raise ValueError(f"Unknown transform name {transform!r}; the released layout uses {TRANSFORM_NAMES}.")
   return f"{transform}/{split}_{sampling}.npz"

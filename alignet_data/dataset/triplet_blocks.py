@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data.dataset import clustering, labelling, sampling, shards, triplet_plan
-from alignet_data.teacher import embeddings
+from alignet_data.teacher import embeddings, image_sources
 from alignet_data.teacher.transform import Transform
 
 
@@ -41,7 +41,7 @@ class TripletInputs:
       cl = clustering.load(config["clusters"])
       clusters, k = cl.for_ids(emb.ids), cl.k
     samplers = {}
-    for name in sampling.parse_strategy(config["strategy"]):
+    for name in triplet_plan.plan_strategies(config):
       group = sampling.GROUPED.get(name)
       groups = None
       if group == "clusters":
@@ -51,7 +51,8 @@ class TripletInputs:
       elif group == "labels":
         if (emb.labels < 0).all():
           raise ValueError(f"Strategy {name!r} needs class labels, but embeddings {config['embeddings']} "
-                           f"split {config['split']!r} has none; use cluster_boundary or random.")
+                           f"split {config['split']!r} has none; use cluster_boundary or random (and no "
+                           "class-based --valid-strategies).")
         groups = emb.labels
       samplers[name] = sampling.TripletSampler(name, len(emb), groups, seed=config["seed"])
     return cls(emb, vectors, raw if config.get("transform") else None, clusters, k, samplers)
@@ -63,14 +64,14 @@ def warm_up() -> None:
   shards.tfrecord_bytes(shards.empty())
 
 
-def make_block(inputs: TripletInputs, split: str, strategy: str, start: int, stop: int,
+def make_block(inputs: TripletInputs, split: triplet_plan.SplitPlan, strategy: str, start: int, stop: int,
                timer: dict[str, float] | None = None, threads: int = 1) -> shards.Columns:
-  """Rows [start, stop) of a split as schema columns, plus per-row diagnostics under '_' keys.
+  """Rows [start, stop) of a set as schema columns, plus per-row diagnostics under '_' keys.
 
   `timer["label_seconds"]` accumulates the wall time of the labelling kernel (the benchmark's floor fraction),
   `timer["label_cpu_seconds"]` its CPU time over its `threads`.
   """
-  ids = np.arange(start, stop, dtype=np.int64) + triplet_plan.id_base(split)
+  ids = np.arange(start, stop, dtype=np.int64) + split.id_base
   positions = inputs.samplers[strategy].sample(ids)
   tic, cpu = time.perf_counter(), []
   sims = labelling.rowwise_similarities(inputs.vectors, positions, threads=threads, cpu_seconds=cpu)
@@ -87,12 +88,12 @@ def make_block(inputs: TripletInputs, split: str, strategy: str, start: int, sto
   return columns
 
 
-def make_shard(inputs: TripletInputs, config: dict[str, Any], split: str, start: int, stop: int,
+def make_shard(inputs: TripletInputs, config: dict[str, Any], split: triplet_plan.SplitPlan, start: int, stop: int,
                timer: dict[str, float] | None = None) -> shards.Columns:
-  """Rows [start, stop) of a split (one shard), made in blocks of block_size rows (the bytes do not depend on it)."""
+  """Rows [start, stop) of a set (one shard), made in blocks of block_size rows (the bytes do not depend on it)."""
   threads = triplet_plan.label_threads(config)
   pieces = [make_block(inputs, split, name, lo, hi, timer, threads)
-            for name, lo, hi in triplet_plan.sub_blocks(config, split, start, stop)]
+            for name, lo, hi in triplet_plan.sub_blocks(split, int(config["block_size"]), start, stop)]
   if not pieces:
     out = shards.empty()
     out["file_names"] = out["file_names"].astype(inputs.emb.file_names.dtype)
@@ -101,6 +102,32 @@ def make_shard(inputs: TripletInputs, config: dict[str, Any], split: str, start:
       out["_odd_changed"] = np.zeros(0, bool)
     return out
   return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def indices_provenance(embeddings_url: str, split: str) -> dict[str, Any]:
+  """What the triplets' `indices` index, from the embed artifact's record of the split's image source.
+
+  The released trainer reads every index into ``tfds.data_source("imagenet2012", split="train")``; only
+  embeddings of that source (any pinned version) give indices it can use as they are.
+  """
+  source = str((embeddings.info(embeddings_url)["splits"].get(split) or {}).get("source") or "")
+  kind = source.partition(":")[0]
+  tfds_train = False
+  if not source:
+    note = "The embeddings record no image source for this split: what the indices index is unknown."
+  elif kind == "tfds":
+    src = image_sources.parse(source)
+    tfds_train = src.name == "imagenet2012" and src.split == "train"
+    pinned = f" version {src.version}" if src.version else ""
+    note = (f"Record indices of tfds.data_source({src.name!r}{pinned}, split={src.split!r})"
+            + (", the order the released trainer reads." if tfds_train else
+               ", not imagenet2012 train: the released trainer would load other images."))
+  else:
+    what = {"demo": "the demo world's images", "files": "the sorted list of image files",
+            "things": "THINGS concepts / images"}.get(kind, "the records")
+    note = (f"Indices into {what} of source `{source}`, not tfds.data_source('imagenet2012', split='train'): the "
+            "released trainer would load other images (this repository's trainer reads the source).")
+  return {"source": source or None, "tfds_imagenet2012_train_order": tfds_train, "note": note}
 
 
 def shard_stats(columns: shards.Columns, bins: int) -> dict[str, Any]:
@@ -153,7 +180,7 @@ def report(config: dict[str, Any], stats: dict[str, list[dict[str, Any]]], input
   boundary = sum(s["boundary_rows"] for s in all_stats)
   changed = None if inputs.raw_vectors is None else sum(s["odd_changed"] for s in all_stats) / max(rows, 1)
   return {
-      "triplets": sum(s["rows"] for s in stats.get("train", [])),
+      "triplets": sum(s["rows"] for split, items in stats.items() if split.startswith("train_") for s in items),
       "triplets_total": rows,
       "splits": {split: sum(s["rows"] for s in items) for split, items in stats.items()},
       "strategies": strategies,

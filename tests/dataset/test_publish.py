@@ -12,10 +12,10 @@ from pipelines import publish_stage
 def _source(url):
   """A small complete artifact shaped like a triplets artifact (a shard, a schema, a report)."""
   def fn(writer):
-    with writer.open("shards/train-00000-of-00001.parquet") as f:
+    with writer.open("shards/train_random-00000-of-00001.parquet") as f:
       f.write(b"parquet bytes" * 100)
     writer.write_npz("npz/untransformed/train_random.npz", indices=np.arange(6).reshape(2, 3))
-    return {"splits": {"train": 2}, "strategies": {"random": 2},
+    return {"splits": {"train_random": 2}, "strategies": {"random": 2},
             "entropy": {"mean": 0.5, "max": float(np.log(3)),
                         "histogram": {"edges": [0.0, 0.5, 1.0986], "counts": [1, 1]}}}
   return artifacts.run_stage("triplets", url, {"num": 2, "seed": 0}, {}, fn, log=lambda s: None)
@@ -29,7 +29,7 @@ def test_publish_copies_verifies_and_writes_card_and_manifest(tmp_path):
   for name in src.files:
     assert (dest / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
   card = (dest / "README.md").read_text()
-  assert "alignet 0.1.0" in card and "train: 2 triplets" in card and "tf.data" in card
+  assert "alignet 0.1.0" in card and "train_random: 2 triplets" in card and "tf.data" in card
   assert (dest / "entropy_histogram.png").read_bytes()[:4] == b"\x89PNG"
   # A published version reads like any artifact, and every sha256 checks out.
   art = publishing.verify(str(dest))
@@ -81,7 +81,7 @@ def test_an_interrupted_publish_leaves_nothing_visible_and_a_retry_completes(tmp
 
 def test_a_corrupt_source_is_not_published_and_a_corrupt_copy_is_detected(tmp_path):
   src = _source(str(tmp_path / "src"))
-  shard = tmp_path / "src" / "shards" / "train-00000-of-00001.parquet"
+  shard = tmp_path / "src" / "shards" / "train_random-00000-of-00001.parquet"
   good = shard.read_bytes()
   shard.write_bytes(b"X" + good[1:])
   with pytest.raises(artifacts.ChecksumError, match="is corrupt"):
@@ -89,9 +89,9 @@ def test_a_corrupt_source_is_not_published_and_a_corrupt_copy_is_detected(tmp_pa
   assert not (tmp_path / "bucket").exists()  # "Nothing was published" is true: no staging, lock or folder left.
   shard.write_bytes(good)
   publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
-  copy = tmp_path / "bucket" / "alignet" / "0.1.0" / "shards" / "train-00000-of-00001.parquet"
+  copy = tmp_path / "bucket" / "alignet" / "0.1.0" / "shards" / "train_random-00000-of-00001.parquet"
   copy.write_bytes(good[:-1] + b"Y")
-  with pytest.raises(artifacts.ChecksumError, match="train-00000-of-00001.parquet"):
+  with pytest.raises(artifacts.ChecksumError, match="train_random-00000-of-00001.parquet"):
     publishing.verify(str(tmp_path / "bucket" / "alignet" / "0.1.0"))
 
 
@@ -134,7 +134,7 @@ def test_cli_publishes_without_out_and_refuses_the_same_version_clearly(tmp_path
 
 
 def test_card_lists_sample_triplets_and_says_when_images_are_unavailable(tmp_path):
-  from alignet_data.dataset import shards
+  from alignet_data.dataset import shards, triplet_blocks
   from alignet_data.teacher import embeddings
 
   def emb(writer):
@@ -151,8 +151,12 @@ def test_card_lists_sample_triplets_and_says_when_images_are_unavailable(tmp_pat
             "labels": np.zeros((2, 3), np.int64), "clusters": -np.ones((2, 3), np.int64),
             "similarities": np.array([[0.5, 0.2, 0.1]] * 2, np.float32),
             "soft_label": np.array([[0.4, 0.31, 0.29]] * 2, np.float32), "entropy": np.ones(2, np.float32)}
-    shards.write_parquet(writer.path("shards/train-00000-of-00001.parquet"), cols)
-    return {"splits": {"train": 2}, "strategies": {"random": 2}}
+    shards.write_parquet(writer.path("shards/train_random-00000-of-00001.parquet"), cols)
+    with writer.open("npz/untransformed/train_random.npz", "wb") as f:
+      shards.write_npz(f, cols)
+    return {"splits": {"train_random": 2}, "strategies": {"random": 2},
+            "npz": {"train_random": "npz/untransformed/train_random.npz"},
+            "indices": triplet_blocks.indices_provenance(emb_art.url, "pool")}
 
   src = artifacts.run_stage("triplets", str(tmp_path / "src"), {"embeddings": emb_art.url, "split": "pool"}, {},
                             trip, log=lambda s: None)
@@ -160,6 +164,9 @@ def test_card_lists_sample_triplets_and_says_when_images_are_unavailable(tmp_pat
   card = (tmp_path / "bucket" / "alignet" / "0.1.0" / "README.md").read_text()
   assert "## Sample triplets" in card and "| `random` | `a` | `b` | `c` | [0.400, 0.310, 0.290] |" in card
   assert "No picture: the images of source `tfds:imagenet2012:train` are not available" in card
+  assert "shards/train_random-*.parquet" in card
+  assert "point its `data_dir` at" in card and "`untransformed/train_random.npz`" in card
+  assert "record indices of `tfds.data_source('imagenet2012', split='train')`" in card and "Caution" not in card
   assert not (tmp_path / "bucket" / "alignet" / "0.1.0" / publishing.SAMPLES_PLOT).exists()
   assert out["files"] == len(src.files) + 1  # + README.md (no histogram in this report, no grid)
 

@@ -56,6 +56,31 @@ def test_a_triplet_depends_only_on_seed_strategy_and_id(strategy):
   assert not np.array_equal(whole, _sampler(strategy, seed=1).sample(IDS))
 
 
+def test_between_class_triplets_come_from_three_distinct_groups_each_uniform():
+  t = _sampler("between_class").sample(IDS)
+  g = GROUPS[t]
+  assert np.all((g[:, 0] != g[:, 1]) & (g[:, 0] != g[:, 2]) & (g[:, 1] != g[:, 2]))
+  # Every group, the singleton included, is drawn equally often (3 of 8 per triplet) ...
+  counts = np.bincount(g.reshape(-1), minlength=8)
+  expected = 3 * len(IDS) / 8
+  assert np.all(np.abs(counts - expected) < 0.1 * expected)
+  # ... and an item uniformly within its group: in group 4 (60 items), every item appears.
+  assert set(t[g == 4].tolist()) == set(np.flatnonzero(GROUPS == 4).tolist())
+  sizes = np.bincount(GROUPS)
+  e3 = sum(sizes[a] * sizes[b] * sizes[c] for a, b, c in itertools.combinations(range(8), 3))
+  assert _sampler("between_class").max_distinct() == e3
+
+
+@pytest.mark.parametrize("block", [1, 97, 20000])
+def test_between_class_does_not_depend_on_the_block_size(block):
+  whole = _sampler("between_class").sample(IDS)
+  pieces = np.concatenate([_sampler("between_class").sample(IDS[i:i + block]) for i in range(0, len(IDS), block)])
+  np.testing.assert_array_equal(whole, pieces)
+  # One id alone, on a fresh sampler (another worker), far into the id space: the triplet of that id.
+  far = np.array([3 << 40, 12345])
+  np.testing.assert_array_equal(_sampler("between_class").sample(far)[:1], _sampler("between_class").sample(far[:1]))
+
+
 def test_strategies_draw_independent_streams():
   a = _sampler("class_boundary").sample(IDS)
   b = _sampler("cluster_boundary").sample(IDS)  # Same groups, different strategy key.
@@ -95,6 +120,8 @@ def test_too_small_inputs_fail_with_clear_messages():
     sampling.TripletSampler("class_boundary", 4, np.arange(4))
   with pytest.raises(ValueError, match="at least 3 items"):
     sampling.TripletSampler("within_class", 4, np.array([0, 0, 1, 1]))
+  with pytest.raises(ValueError, match="'between_class' needs at least 3 distinct labels"):
+    sampling.TripletSampler("between_class", 6, np.array([0, 0, 0, 1, 1, 1]))
   with pytest.raises(ValueError, match="needs a group"):
     sampling.TripletSampler("cluster_boundary", 4)
   with pytest.raises(ValueError, match="Unknown sampling strategy 'border'"):

@@ -121,7 +121,16 @@ def test_released_npz_has_the_official_names_dtypes_and_shapes():
       "uncertainty_distillation/train_cluster_border_500.npz"
   assert shards.sampling_name(["cluster_boundary"], 500) == "cluster_border_500"
   assert shards.sampling_name(["class_boundary"]) == "class_border"
+  assert shards.sampling_name(["between_class"]) == "between_class"
   assert shards.sampling_name(["random", "within_class"]) == "mixed"
+  with pytest.raises(ValueError, match="names the cluster count k"):
+    shards.sampling_name(["cluster_boundary"])
+  # Split keys are the released file stems: the npz of set `key` is <transform>/<key>.npz.
+  assert shards.split_key("train", "cluster_border_500") == "train_cluster_border_500"
+  assert shards.npz_name("uncertainty_distillation", "val", "between_class") == \
+      f"uncertainty_distillation/{shards.split_key('val', 'between_class')}.npz"
+  with pytest.raises(ValueError, match="Unknown split role 'valid'"):
+    shards.split_key("valid", "random")
   with pytest.raises(ValueError, match="released layout uses"):
     shards.npz_name("aligned", "train", "random")
 
@@ -130,7 +139,10 @@ def test_shard_bounds_cover_a_split_evenly():
   b = shards.shard_bounds(10, 4)
   assert b.tolist() == [0, 2, 5, 7, 10]
   assert shards.shard_bounds(2, 4).tolist() == [0, 0, 1, 1, 2]  # More shards than rows: some are empty.
-  assert shards.shard_name("train", 3, 16, "parquet") == "shards/train-00003-of-00016.parquet"
+  assert shards.shard_name("train_random", 3, 16, "parquet") == "shards/train_random-00003-of-00016.parquet"
+  assert shards.shard_name("val_class_border", 0, 1, "tfrecord") == "shards/val_class_border-00000-of-00001.tfrecord"
+  with pytest.raises(ValueError, match="Unknown split 'test'"):
+    shards.shard_name("test", 0, 1, "parquet")
 
 
 @pytest.mark.slow
