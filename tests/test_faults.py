@@ -192,7 +192,7 @@ CASES = [
     ("publish-not-an-artifact", lambda r, s: ["publish", "--from", _user_folder(s / "U"), "--to", str(s / "b")],
      "manifest.json is missing"),
     ("publish-tampered-source", lambda r, s: ["publish", "--from",
-                                              _tampered(r / "triplets", s, "shards/train-*.parquet"), "--to",
+                                              _tampered(r / "triplets", s, "shards/train_*.parquet"), "--to",
                                               str(s / "b")],
      "is corrupt"),
     # evaluate

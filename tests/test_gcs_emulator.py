@@ -472,8 +472,8 @@ def test_triplets_output_on_gcs_equals_a_local_run(gs, tmp_path):
   assert cli.main([*argv, "--out", f"{gs}/triplets"]) == 0
   assert cli.main([*argv, "--out", str(tmp_path / "triplets")]) == 0
   art = _check_on_gcs(f"{gs}/triplets", str(tmp_path / "triplets"))
-  assert art.report["splits"] == {"train": 800, "valid": 100}
-  assert {"shards/train-00000-of-00002.parquet", "shards/train-00001-of-00002.tfrecord"} <= set(art.files)
+  assert art.report["splits"] == {"train_mixed": 800, "val_mixed": 100}
+  assert {"shards/train_mixed-00000-of-00002.parquet", "shards/train_mixed-00001-of-00002.tfrecord"} <= set(art.files)
 
 
 # ------------------------------------------------------------------------------------------------------ train

@@ -46,7 +46,7 @@ def test_triplets_accepts_a_plain_npz_sampling_tag(tmp_path, emb):
                                   "num_shards": 1, "formats": ["npz"], "npz_sampling": "my_tag-1.0"}
   art = artifacts.run_stage("triplets", str(tmp_path / "X"), config, tp.input_urls(config),
                             lambda w: tp.run(config, w), log=lambda _: None)
-  assert art.report["npz"] == {"train": "npz/untransformed/train_my_tag-1.0.npz"}
+  assert art.report["npz"] == {"train_my_tag-1.0": "npz/untransformed/train_my_tag-1.0.npz"}
 
 
 @pytest.mark.parametrize(("flags", "says"), [
