@@ -40,7 +40,9 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "gcp-storage-emulator"],  # gcp-storage-emulator: gs:// tests.
+        # gcp-storage-emulator: gs:// tests. opencv-python-headless: the released trainer's resize, which the
+        # student preprocessing is checked against (tests/models/test_resize_parity.py).
+        "test": ["pytest", "pytest-timeout", "ruff", "gcp-storage-emulator", "opencv-python-headless"],
         # The SigLIP parity test compares our Flax model with transformers' PyTorch one. torch itself is installed
         # by pip from its CPU wheel (see .ci/run): resolving it here would pull a multi-GB CUDA build.
         "parity": ["transformers==5.24.0", "safetensors==0.8.0", "sympy", "networkx", "jinja2", "filelock"],

@@ -6,7 +6,8 @@ byte-deterministic (uncompressed npz, fixed zip dates, sorted keys).
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import fsspec
@@ -17,6 +18,11 @@ from alignet_data import numeric_files
 
 # Prefixes under which a ViT image tower sits in other big_vision checkpoints (SigLIP two-towers: params/img/).
 IMAGE_TOWER_PREFIXES = ("", "params/", "img/", "params/img/")
+# Unexpected parameters that mean a config field is wrong, and which one to change.
+_UNEXPECTED_HINTS = {"MAPHead_0/": "pool_type='map' (the checkpoint has a MAP head)",
+                     "cls": "pool_type='tok' (the checkpoint has a class token)",
+                     "pre_logits/": "rep_size (the checkpoint has a pre-logits layer)",
+                     "head/": "num_classes=None (the checkpoint has a classification head)"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -66,10 +72,32 @@ def load_checkpoint(path_or_url: str, prefix: str = "") -> dict[str, Any]:
   """The parameter pytree of a flat npz checkpoint; with `prefix`, only that subtree (e.g. "params/img/")."""
   flat = load_flat(path_or_url)
   if prefix:
-    flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    flat = select_tower(flat, prefix, f"Checkpoint {path_or_url}")
     if not flat:
       raise CheckpointMismatchError(f"No parameters under prefix {prefix!r} in {path_or_url}")
   return unflatten(flat)
+
+
+def select_tower(flat: Mapping[str, Any], prefix: str, source: str, sep: str = "/") -> dict[str, Any]:
+  """The arrays under `prefix`, prefix stripped. What lies outside (a SigLIP checkpoint's text tower `params/txt/`
+  and logit scale/bias `params/t`, `params/b`) is left out whole, and an INFO line names every group left out:
+  a checkpoint's parameters are never dropped silently (inside the tower, `match_params` refuses extras)."""
+  inside = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  outside = [k for k in flat if not k.startswith(prefix)]
+  if outside:
+    logging.info("%s: loading the image tower %r; ignoring %d arrays outside it: %s", source, prefix or "(root)",
+                 len(outside), describe_groups(outside, depth=prefix.count(sep) or 1, sep=sep))
+  return inside
+
+
+def describe_groups(names: Iterable[str], depth: int = 1, sep: str = "/") -> str:
+  """"params/txt/ (120 arrays), params/t": names grouped by their first `depth` components."""
+  groups: dict[str, int] = {}
+  for name in names:
+    parts = name.split(sep)
+    key = sep.join(parts[:depth]) + (sep if len(parts) > depth else "")
+    groups[key] = groups.get(key, 0) + 1
+  return ", ".join(f"{k} ({n} arrays)" if n > 1 or k.endswith(sep) else k for k, n in sorted(groups.items()))
 
 
 def find_image_tower(flat: Mapping[str, Any]) -> str:
@@ -83,17 +111,18 @@ def find_image_tower(flat: Mapping[str, Any]) -> str:
       f"the checkpoint's first keys are: {sample}")
 
 
-def match_params(expected: Mapping[str, Any], loaded: Mapping[str, Any], source: str = "checkpoint",
-                 ignore_unexpected: bool = False) -> dict[str, Any]:
+def match_params(expected: Mapping[str, Any], loaded: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Any]:
   """Checks `loaded` against `expected` (a pytree of arrays or ShapeDtypeStructs) and returns it as float arrays.
 
   Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped parameter, so a wrong config
-  (say, patch 16 for a /14 checkpoint) is diagnosed in one go instead of failing deep inside `apply`.
+  (say, patch 16 for a /14 checkpoint) is diagnosed in one go instead of failing deep inside `apply`. An
+  unexpected parameter is an error too: loading it into a config without it (a MAP head into a GAP model) would
+  silently drop it.
   """
   want = flatten_shapes(expected)
   got = flatten(loaded)
   missing = sorted(set(want) - set(got))
-  unexpected = [] if ignore_unexpected else sorted(set(got) - set(want))
+  unexpected = sorted(set(got) - set(want))
   misshaped = sorted(k for k in set(want) & set(got) if tuple(got[k].shape) != want[k])
   if missing or unexpected or misshaped:
     lines = [f"{source} does not fit the model config:"]
@@ -106,8 +135,9 @@ def match_params(expected: Mapping[str, Any], loaded: Mapping[str, Any], source:
       lines.append(f"  mis-shaped: {k}: checkpoint {tuple(got[k].shape)} vs config {want[k]}")
     if len(misshaped) > 20:
       lines.append(f"  ... and {len(misshaped) - 20} more mis-shaped")
+    hints = sorted({hint for k in unexpected for p, hint in _UNEXPECTED_HINTS.items() if k.startswith(p)})
     lines.append("Fix: choose the config the checkpoint was trained with (width, depth, mlp_dim, patch_size, "
-                 "image_size, pool_type, num_classes).")
+                 "image_size, pool_type, num_classes)" + (": set " + "; ".join(hints) if hints else "") + ".")
     raise CheckpointMismatchError("\n".join(lines))
   return unflatten({k: got[k].astype(np.float32) if got[k].dtype != np.float32 else got[k] for k in want})
 

@@ -12,6 +12,9 @@ from typing import Any
 # Field -> default. `representation` names what `embed_fn` returns: "pre_logits" (the pooled representation,
 # the input to `head`), "logits" (the head's output, e.g. SigLIP's image embedding before normalisation) or
 # "l2_logits" (that, L2-normalised: SigLIP's zimg). `preprocessing` is a convention in `preprocessing.py`.
+# `triplet_head` / `triplet_head_init`: the linear triplet head the trainer puts on the representation when
+# fine-tuning this model as a student (None: the trainer's `head_dim` rule decides). Only "lecun_normal" (kernel;
+# zero bias) is implemented: flax's Dense default, which the released trainer's `TripletWrapper` head uses.
 FIELDS: dict[str, Any] = {
     "name": "",
     "patch_size": 16,
@@ -28,7 +31,10 @@ FIELDS: dict[str, Any] = {
     "representation": "pre_logits",
     "preprocessing": "siglip",
     "seed": 0,
+    "triplet_head": None,
+    "triplet_head_init": "lecun_normal",
 }
+TRIPLET_HEAD_INITS = ("lecun_normal",)
 
 # big_vision decode_variant(): width, depth, mlp_dim, num_heads.
 _VARIANTS = {
@@ -69,6 +75,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           preprocessing="siglip"),
     "so400m/14-384": _variant("so400m/14-384", "so400m", 14, image_size=384, pool_type="map",
                               head_zeroinit=False, preprocessing="siglip"),
+    # The official AligNet student (google-deepmind/alignet configs/siglip.py): big_vision's B/16 with MAP pooling,
+    # loaded from "SigLIP B/16 224" (webli_en_b16_224, its `params/img/` tower; no `head`), fed the trainer's
+    # [0, 1] OpenCV-cubic images, with a Dense(1024) triplet head on the MAP output (pre_logits).
+    "siglip-b/16": _variant("siglip-b/16", "b", 16, image_size=224, pool_type="map", head_zeroinit=False,
+                            preprocessing="student", triplet_head=1024, triplet_head_init="lecun_normal"),
 }
 
 
@@ -98,6 +109,11 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"width={cfg['width']} is not divisible by num_heads={cfg['num_heads']}")
   if cfg["pool_type"] not in ("gap", "tok", "map", "0"):
     raise ValueError(f"Unknown pool_type {cfg['pool_type']!r}; expected 'gap', 'tok', 'map' or '0'")
+  if cfg["triplet_head"] is not None and (isinstance(cfg["triplet_head"], bool) or int(cfg["triplet_head"]) < 0):
+    raise ValueError(f"triplet_head must be None or a size >= 0, got {cfg['triplet_head']!r}")
+  if cfg["triplet_head_init"] not in TRIPLET_HEAD_INITS:
+    raise ValueError(f"Unknown triplet_head_init {cfg['triplet_head_init']!r}; the trainer implements "
+                     f"{TRIPLET_HEAD_INITS}")
   if cfg["representation"] not in ("pre_logits", "logits", "l2_logits"):
     raise ValueError(f"Unknown representation {cfg['representation']!r}; expected 'pre_logits', 'logits' or "
                      "'l2_logits'")

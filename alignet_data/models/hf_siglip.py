@@ -22,11 +22,14 @@ from collections.abc import Mapping
 import fsspec
 import numpy as np
 
+from alignet_data.models import checkpoints
 from alignet_data.models.checkpoints import CheckpointMismatchError
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _MARKER = "embeddings.patch_embedding.weight"
+# Not parameters: an arange of positions that older transformers saved with the weights.
+_BUFFERS = ("embeddings.position_ids",)
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -116,14 +119,29 @@ def _mlp(hf: Mapping[str, np.ndarray], name: str, prefix: str) -> dict[str, np.n
   return flat
 
 
-def to_big_vision(hf: Mapping[str, np.ndarray], num_heads: int, prefix: str | None = None) -> dict[str, np.ndarray]:
+class _Used(dict):
+  """A dict that remembers which keys were read: vision tensors the name map never reads are reported."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.used: set[str] = set()
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    self.used.add(key)
+    return super().__getitem__(key)
+
+
+def to_big_vision(hf: Mapping[str, np.ndarray], num_heads: int, prefix: str | None = None,
+                  source: str = "SigLIP safetensors checkpoint") -> dict[str, np.ndarray]:
   """HF SigLIP vision tensors -> flat big_vision names ("Transformer/encoderblock_0/..."), float32.
 
-  Keys outside the vision tower (text tower, logit_scale) are ignored; a missing tensor raises
-  CheckpointMismatchError naming it.
+  Keys outside the vision tower (text tower, logit_scale) are left out with an INFO line naming them; a missing
+  tensor, or a vision-tower tensor the map does not use (it would be dropped), raises CheckpointMismatchError
+  naming it.
   """
   p = find_prefix(hf) if prefix is None else prefix
-  sub = {k[len(p):]: np.asarray(v, np.float32) for k, v in hf.items() if k.startswith(p)}
+  sub = _Used({k: np.asarray(v, np.float32) for k, v in checkpoints.select_tower(hf, p, source, sep=".").items()})
+  sub.used.update(k for k in _BUFFERS if k in sub)
   try:
     flat = {"embedding/kernel": sub["embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
             "embedding/bias": sub["embeddings.patch_embedding.bias"],
@@ -148,6 +166,11 @@ def to_big_vision(hf: Mapping[str, np.ndarray], num_heads: int, prefix: str | No
   except KeyError as e:
     raise CheckpointMismatchError(f"SigLIP safetensors checkpoint lacks {p}{e.args[0]} (keys under {p!r}: "
                                   f"{len(sub)}); is it a SigLIP vision tower?") from e
+  unused = sorted(set(sub) - sub.used)
+  if unused:
+    raise CheckpointMismatchError(
+        f"{source}: {len(unused)} vision-tower tensor(s) have no place in our ViT and would be dropped: "
+        + ", ".join(p + k for k in unused[:20]) + (" ..." if len(unused) > 20 else ""))
   return {k: np.ascontiguousarray(v) for k, v in flat.items()}
 
 

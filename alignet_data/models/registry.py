@@ -2,8 +2,9 @@
 
 Specs accepted by `load_model`:
 - "demo-teacher", "demo-student": the committed demo checkpoints (`alignet_data/checkpoints/`);
-- "<config-name>:<checkpoint path or URL>", e.g. "so400m/14:gs://bucket/siglip_so400m_224.npz". Config names
-  contain no ":", so everything after the first ":" is the checkpoint URL.
+- "<config-name>:<checkpoint path or URL>", e.g. "so400m/14:gs://bucket/siglip_so400m_224.npz" or the official
+  student "siglip-b/16:gs://big_vision/siglip/webli_en_b16_224_63724782.npz" (or a Hugging Face
+  `model.safetensors`). Config names contain no ":", so everything after the first ":" is the checkpoint URL.
 """
 from __future__ import annotations
 
@@ -144,18 +145,19 @@ def from_checkpoint(config: Mapping[str, Any], path_or_url: str, prefix: str | N
   "params/", "params/img/" from the keys) or a Hugging Face SigLIP `.safetensors` file (through the name map in
   `hf_siglip`). A learned `pos_embedding` of another square grid is resampled to the config's (big_vision's
   `resample_posemb`) unless `resample_posemb` is False. When the config leaves num_classes unset, it is taken
-  from the checkpoint's `head` (absent head: no head).
+  from the checkpoint's `head` (absent head: no head). Nothing is dropped silently: arrays outside the image
+  tower (a SigLIP text tower) are left out with an INFO line naming them; an image-tower parameter the config
+  has no place for is a CheckpointMismatchError.
   """
   cfg = configs.complete(dict(config))
+  source = f"Checkpoint {path_or_url}"
   if path_or_url.endswith(".safetensors"):
-    flat = hf_siglip.to_big_vision(hf_siglip.read_safetensors(path_or_url), num_heads=cfg["num_heads"])
-    prefix, ignore_unexpected = "", False
+    flat = hf_siglip.to_big_vision(hf_siglip.read_safetensors(path_or_url), num_heads=cfg["num_heads"],
+                                   source=source)
   else:
     flat = checkpoints.load_flat(path_or_url)
     prefix = checkpoints.find_image_tower(flat) if prefix is None else prefix
-    flat = checkpoints.unscan({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)})
-    # A two-tower checkpoint (SigLIP) holds more than the image tower: only the image tower must match.
-    ignore_unexpected = prefix.endswith("img/")
+    flat = checkpoints.unscan(checkpoints.select_tower(flat, prefix, source))
   if cfg["num_classes"] is None and "head/kernel" in flat:
     cfg["num_classes"] = int(flat["head/kernel"].shape[-1])
   expected = abstract_params(cfg)
@@ -164,8 +166,7 @@ def from_checkpoint(config: Mapping[str, Any], path_or_url: str, prefix: str | N
     if tuple(flat["pos_embedding"].shape) != want:
       logging.info("Resampling pos_embedding %s -> %s", flat["pos_embedding"].shape, want)
       flat["pos_embedding"] = checkpoints.resample_posemb(flat["pos_embedding"], want)
-  params = checkpoints.match_params(expected, checkpoints.unflatten(flat), source=f"Checkpoint {path_or_url}",
-                                    ignore_unexpected=ignore_unexpected)
+  params = checkpoints.match_params(expected, checkpoints.unflatten(flat), source=source)
   return from_params(cfg, jax.tree.map(jnp.asarray, params))
 
 

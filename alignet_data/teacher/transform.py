@@ -1,7 +1,8 @@
 """The affine transform of teacher embeddings into the human similarity space.
 
 Stored as ``transform.npz`` with ``weights`` (p, p'), ``bias`` (p',), ``mean`` and ``std`` (scalars): the layout
-gLocal releases, so released gLocal transforms load here and ours load in their tools. It is applied as
+gLocal releases, so released gLocal transforms load here and ours load in their tools. gLocal transforms fitted
+without a bias term have no ``bias`` array: they load with a zero bias. It is applied as
 ``x' = ((x - mean) / std) @ weights + bias``: features are z-scored with ONE scalar mean and std computed over
 the whole THINGS feature matrix (as gLocal does), never per dimension.
 """
@@ -61,9 +62,9 @@ class Transform:
   def from_arrays(cls, data: dict[str, np.ndarray], source: str = "transform") -> Transform:
     """From gLocal's arrays; `source` names the file in errors. NaN/inf is refused here, where a transform enters
     a stage: it would otherwise turn every embedding into NaN, which k-means and the label checks choke on."""
-    missing = {"weights", "bias"} - set(data)
-    if missing:
-      raise InputError(f"{source}: a transform file needs arrays 'weights' and 'bias'; missing {sorted(missing)}.")
+    if "weights" not in data:
+      raise InputError(f"{source}: a transform file needs arrays 'weights' and 'bias' (a missing 'bias' is zero, as "
+                       f"in gLocal's transforms fitted without one); it has {sorted(data)}.")
     arrays = {k: np.asarray(data[k]) for k in ("weights", "bias", "mean", "std") if k in data}
     for name, value in arrays.items():
       if value.dtype.kind not in "iuf":
@@ -74,7 +75,9 @@ class Transform:
       require_finite(value, f"{source}: transform array {name!r}")
     try:
       scalar = lambda k, default: float(arrays[k].reshape(-1)[0]) if k in arrays else default
-      return cls(arrays["weights"], arrays["bias"].reshape(-1), scalar("mean", 0.0), scalar("std", 1.0))
+      weights = arrays["weights"]
+      bias = arrays["bias"].reshape(-1) if "bias" in arrays else np.zeros(weights.shape[-1:] or (0,), np.float32)
+      return cls(weights, bias, scalar("mean", 0.0), scalar("std", 1.0))
     except ValueError as e:
       raise InputError(f"{source}: {e}") from None
 

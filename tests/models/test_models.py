@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from alignet_data import models
-from alignet_data.models import checkpoints, preprocessing
+from alignet_data.models import checkpoints, hf_siglip, preprocessing
 
 TINY = {"name": "tiny", "patch_size": 8, "image_size": 16, "width": 16, "depth": 1, "mlp_dim": 32, "num_heads": 2,
         "preprocessing": "student"}
@@ -90,6 +90,34 @@ def test_siglip_two_tower_checkpoint_loads_image_tower_by_prefix(tiny_models):
                                   "memory://models_test/siglip.npz")
   emb = loaded.embed(_images(2))
   assert emb.shape == (2, 5) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_map_head_is_never_dropped_into_a_gap_config(tiny_models):
+  """Before: a two-tower checkpoint's extra image-tower parameters were ignored, so a MAP head vanished."""
+  flat = {f"params/img/{k}": v for k, v in checkpoints.flatten(tiny_models["map"].params).items()}
+  models.save_checkpoint("memory://models_test/map.npz", checkpoints.unflatten(flat))
+  with pytest.raises(models.CheckpointMismatchError) as e:
+    models.from_checkpoint({**TINY, "pool_type": "gap"}, "memory://models_test/map.npz")
+  msg = str(e.value)
+  assert "unexpected (" in msg and "MAPHead_0/probe" in msg and "MAPHead_0/LayerNorm_0/scale" in msg
+  assert "pool_type='map'" in msg
+  # Anything else inside the image tower too; only what lies outside it (named in an INFO line) is left out.
+  flat = {f"params/img/{k}": v for k, v in checkpoints.flatten(tiny_models["gap"].params).items()}
+  flat["params/img/adapter/kernel"] = np.zeros((16, 4), np.float32)
+  models.save_checkpoint("memory://models_test/extra.npz", checkpoints.unflatten(flat))
+  with pytest.raises(models.CheckpointMismatchError, match=r"unexpected \(1\): adapter/kernel"):
+    models.from_checkpoint(TINY, "memory://models_test/extra.npz")
+
+
+def test_a_vision_tensor_the_hf_name_map_does_not_use_is_an_error(tiny_models):
+  hf = hf_siglip.from_big_vision(checkpoints.flatten(tiny_models["map"].params))
+  hf["vision_model.head.extra_norm.weight"] = np.ones(16, np.float32)
+  hf["vision_model.embeddings.position_ids"] = np.arange(4)[None]  # A buffer older transformers saved: fine.
+  url = "memory://models_test/extra.safetensors"
+  hf_siglip.write_safetensors(url, hf)
+  with pytest.raises(models.CheckpointMismatchError, match=r"1 vision-tower tensor\(s\) .* would be dropped: "
+                                                           r"vision_model\.head\.extra_norm\.weight$"):
+    models.from_checkpoint({**TINY, "pool_type": "map"}, url)
 
 
 def test_so400m_14_has_big_vision_names_and_shapes():
