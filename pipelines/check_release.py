@@ -36,12 +36,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   stages.add_safety_flags(parser)
 
 
-def _source(args: argparse.Namespace) -> Any:
+def provenance(root: str) -> dict[str, Any] | None:
+  """The "indices" record of the triplets artifact that holds `root` (ours: e.g. X/npz), else None."""
+  path = root.rstrip("/")
+  for _ in range(3):
+    art = artifacts.try_load(path)
+    if art is not None:
+      return art.read_json("triplets.json").get("indices") if "triplets.json" in art.files else None
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if not parent or parent == path or parent.endswith(":"):
+      return None
+    path = parent
+  return None
+
+
+def _source(args: argparse.Namespace, indices: dict[str, Any] | None) -> Any:
+  """The images the indices index: --images, --tfds-data-dir, else the source our artifact recorded."""
   from alignet_data.teacher import image_sources
   if args.images:
     return image_sources.parse(args.images, tfds_data_dir=args.tfds_data_dir)
   if args.tfds_data_dir:
     return image_sources.parse("tfds:imagenet2012:train", tfds_data_dir=args.tfds_data_dir)
+  spec = (indices or {}).get("source")
+  if spec and not spec.startswith("tfds:"):  # A TFDS source needs its data_dir: only with --tfds-data-dir.
+    return image_sources.parse(spec)
   return None
 
 
@@ -74,7 +92,8 @@ def command(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
   inputs = {k: config[k] for k in ("root", "representations", "transform_npz") if config[k]}
 
   def run(writer: artifacts.ArtifactWriter) -> dict[str, Any]:
-    source = _source(args)
+    indices = provenance(args.root)
+    source = _source(args, indices)
     num = args.num_images or (len(source) if source is not None else release_check.IMAGENET_TRAIN)
     vectors = None
     if args.representations:
@@ -84,7 +103,8 @@ def command(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
         from alignet_data.teacher.transform import Transform
         vectors = Transform.load(args.transform_npz).apply(vectors)
     report = release_check.check_release(args.root, num_images=num, sample=args.check_files, vectors=vectors,
-                                         names_at=names_at(source) if source is not None else None, log=print)
+                                         names_at=names_at(source) if source is not None else None, indices=indices,
+                                         log=print)
     print(release_check.table(report))
     return report
 

@@ -114,7 +114,8 @@ def check_overlap(folder: str, train: dict[str, np.ndarray], val: dict[str, np.n
       tkeys = np.sort(np.asarray(tidx, np.int64), axis=1)
       both = np.concatenate([np.unique(tkeys, axis=0), np.unique(vkeys, axis=0)])
       shared = len(both) - len(np.unique(both, axis=0))
-      out.append(row(f"{vname} ~ {tname}", "train/val overlap", "fail" if shared else "pass",
+      pair = f"{posixpath.join(folder, posixpath.basename(vname))} ~ {posixpath.basename(tname)}"
+      out.append(row(pair, "train/val overlap", "fail" if shared else "pass",
                      f"{shared} validation triplets also in training" if shared else "disjoint"))
   return out
 
@@ -151,16 +152,30 @@ def check_similarities(name: str, z: dict[str, np.ndarray], vectors: np.ndarray,
              "similarities (another teacher, transform or row order)")
 
 
+def check_provenance(indices: dict[str, Any] | None) -> dict[str, str]:
+  """What the indices index, as the triplets artifact around the files recorded it (ours only)."""
+  if not indices:
+    return row("(all)", "provenance", "pass", "no record (released files): assumed tfds imagenet2012 train order")
+  if indices.get("tfds_imagenet2012_train_order"):
+    return row("(all)", "provenance", "pass", f"indices are records of {indices.get('source')}, in "
+               "tfds.data_source('imagenet2012', split='train') order")
+  return row("(all)", "provenance", "warn", f"indices index {indices.get('source')}, not tfds imagenet2012 train: "
+             "the official trainer would load other images")
+
+
 def check_release(root: str, *, num_images: int = IMAGENET_TRAIN,
                   names_at: Callable[[np.ndarray], Sequence[str]] | None = None, sample: int = 1000,
-                  vectors: np.ndarray | None = None, log: Callable[[str], None] = lambda _: None
-                  ) -> dict[str, Any]:
-  """Every check on every released-layout npz under `root`: {"files", "rows", "failed", "passed"}."""
+                  vectors: np.ndarray | None = None, indices: dict[str, Any] | None = None,
+                  log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+  """Every check on every released-layout npz under `root`: {"files", "rows", "failed", "passed"}.
+
+  `indices` is the provenance record of a triplets artifact around the files (its triplets.json "indices").
+  """
   names = release_files(root)
   if not names:
     raise FileNotFoundError(f"No released-layout npz files under {root} (expected <transform>/{{train,val}}_"
                             "<sampling>.npz or alignet_{train,valid}.npz).")
-  rows: list[dict[str, str]] = []
+  rows: list[dict[str, str]] = [check_provenance(indices)]
   folders: dict[str, dict[str, dict[str, np.ndarray]]] = {}
   for name in names:
     log(f"check-release: {name}")
