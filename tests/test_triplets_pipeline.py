@@ -167,6 +167,31 @@ def test_one_validation_set_per_strategy_under_the_released_names(world, tmp_pat
     assert other.files[name]["sha256"] == art.files[name]["sha256"], name
 
 
+def _official_load(root, transform, split, sampling):
+  """google-deepmind/alignet's data.py contract: the path is root/transform/f"{split}_{sampling}.npz"; it reads
+  only `indices` and `similarities`, the latter cast to float32."""
+  with np.load(f"{root}/{transform}/{split}_{sampling}.npz") as z:
+    return np.asarray(z["indices"]), np.asarray(z["similarities"]).astype(np.float32)
+
+
+def test_the_official_loader_finds_every_file_its_config_asks_for_and_check_release_passes(world, tmp_path, capsys):
+  from pipelines import cli
+  _, _, _, config = world
+  conf = config | {"strategy": "cluster_boundary", "valid_strategies": "class_boundary,within_class,between_class",
+                   "npz_sampling": "cluster_border_500", "num": 300, "num_valid": 60, "num_shards": 1,
+                   "formats": ["npz"]}
+  art = _run(conf, tmp_path / "X")
+  root = f"{art.url}/npz"
+  wanted = [("train", "cluster_border_500")] + [("val", s) for s in ("class_border", "within_class", "between_class")]
+  for split, sampling in wanted:  # configs/siglip.py: train_ds and its three evaluators.
+    indices, sims = _official_load(root, "uncertainty_distillation", split, sampling)
+    assert indices.shape == sims.shape == ((300 if split == "train" else 60), 3) and indices.dtype.kind == "i"
+    assert np.all(np.diff(sims, axis=1) <= 0)  # s01 >= s02 >= s12: the official losses read pair 01 first.
+  assert cli.main(["check-release", root, "--out", str(tmp_path / "R")]) == 0
+  report = json.loads((tmp_path / "R" / "report.json").read_text())
+  assert report["passed"] and {r["check"] for r in report["rows"]} >= {"order", "train/val overlap", "duplicates"}
+
+
 def test_untransformed_labels_and_clear_errors(world, tmp_path):
   _, emb, cl, config = world
   raw = _run(config | {"transform": None, "strategy": "random", "num": 200, "num_valid": 0, "num_shards": 5,
