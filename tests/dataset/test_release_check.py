@@ -95,3 +95,26 @@ def test_order_reports_which_convention_a_file_follows():
   assert r["status"] == "warn" and "1 of 2 rows have s02 < s12" in r["detail"]
   assert release_check.check_order("f", s[1:])["status"] == "pass"
   assert release_check.check_order("f", s[:, ::-1])["status"] == "fail"
+
+
+def test_file_names_against_tfds_imagenet_records_under_the_mock(tmp_path, capsys):
+  """--tfds-data-dir: `filenames` are compared with the imagenet2012 train records' `file_name` at `indices`."""
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=12):
+    ds = tfds.data_source("imagenet2012", split="train")
+    names = np.array([ds[i]["file_name"].decode() if isinstance(ds[i]["file_name"], bytes) else ds[i]["file_name"]
+                      for i in range(12)])
+    trip = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
+    sims = np.tile([3.0, 2.0, 1.0], (4, 1))
+    folder = tmp_path / "release" / "untransformed"
+    folder.mkdir(parents=True)
+    np.savez(folder / "train_random.npz", indices=trip, similarities=sims, filenames=names[trip])
+    assert cli.main(["check-release", str(tmp_path / "release"), "--out", str(tmp_path / "R"),
+                     "--tfds-data-dir", str(tmp_path / "tfds")]) == 0
+    report = json.loads((tmp_path / "R" / "report.json").read_text())
+    assert report["num_images"] == 12 and any(r["check"] == "file names" and r["status"] == "pass"
+                                               for r in report["rows"])
+    np.savez(folder / "train_random.npz", indices=trip[:, [1, 0, 2]], similarities=sims, filenames=names[trip])
+    assert cli.main(["check-release", str(tmp_path / "release"), "--out", str(tmp_path / "R2"),
+                     "--tfds-data-dir", str(tmp_path / "tfds")]) == 1
+  assert "indices from another build or order" in capsys.readouterr().out
