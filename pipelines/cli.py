@@ -1,7 +1,8 @@
 """`alignet`: one command per stage, and `run` for the whole chain.
 
 Beam pipeline options (``--runner=DataflowRunner --project=... --region=... --temp_location=gs://...``,
-``--direct_num_workers=2``) are passed through untouched to the Beam stages (`embed`, `triplets`, `run`).
+``--direct_num_workers=2``) are passed through untouched to the Beam stages (`embed`, `triplets`, `run`);
+``--runner=dask`` is Beam's DaskRunner (`pipelines.runners`).
 """
 from __future__ import annotations
 
@@ -141,9 +142,9 @@ def check_beam_flags(extra: Sequence[str]) -> None:
   typo in a real flag would silently fall back to its default)."""
   if not extra:
     return
-  runner = next((a.split("=", 1)[1] for a in extra if a.startswith("--runner=")), None)
-  if runner is None and "--runner" in extra and extra.index("--runner") + 1 < len(extra):
-    runner = extra[extra.index("--runner") + 1]
+  from pipelines import runners
+  extra = runners.beam_args(extra)  # Shorthands (--runner=dask) spelt out, as the stages spell them.
+  runner = runners.runner(extra)
   if runner and "." in runner:  # A runner by module path registers its own options (e.g. DaskRunner's --dask_*).
     import importlib
     try:
