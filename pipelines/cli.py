@@ -73,6 +73,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
       if not hasattr(mod, "command"):  # A module with its own `command` declares its own output flags.
         _add_common(p)
       mod.add_arguments(p)
+      if is_beam:
+        p.add_argument("--dry-run", action="store_true",
+                       help="build the job graph with the given Beam options and print its size (vs Dataflow's "
+                       "10 MB limit), its work items and any local path it carries; run and write nothing")
   return parser
 
 
@@ -99,6 +103,11 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     # resumes in place) run their own flow; they still print where their outputs went.
     return mod.command(args, extra)
   config = mod.config_from_args(args)
+  if getattr(args, "dry_run", False):
+    from pipelines import job_graph
+    mod.input_urls(config)  # The stage's own config checks.
+    job_graph.dry_run(args.command, config, args.out, extra)
+    return 0
   art = stages.run(args.command, config, args.out, beam_args=extra, force=args.force, verify=args.verify,
                    reuse_stale=args.reuse_stale)
   print(f"{args.command}: outputs in {art.url} (report: {art.path('report.json')})")
