@@ -46,6 +46,8 @@ setuptools.setup(
         # The SigLIP parity test compares our Flax model with transformers' PyTorch one. torch itself is installed
         # by pip from its CPU wheel (see .ci/run): resolving it here would pull a multi-GB CUDA build.
         "parity": ["transformers==5.24.0", "safetensors==0.8.0", "sympy", "networkx", "jinja2", "filelock"],
+        # Beam's DaskRunner (`--runner=dask --dask_client_address=tcp://HOST:8786`) on a dask.distributed cluster.
+        "dask": ["dask[distributed]>=2024.4.2", "distributed>=2024.4.2"],
     },
     entry_points={"console_scripts": ["alignet=pipelines.cli:main"]},
 )

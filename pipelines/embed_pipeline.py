@@ -4,15 +4,22 @@
 
 The Beam graph (elements are numpy blocks of up to `batch_size` images, never single images):
 
-  Create(ReadTask per id range) -> Reshuffle -> ReadBlocks ---------------> failures -> ToList -> dead_letter.jsonl
-                                                    | blocks
-                     RunInference(JaxEmbedHandler: preprocess, pad to batch_size, jitted embed_fn)
-                                                    | embedded blocks
-      ByShard ((split, shard) -> piece) + one empty marker per shard -> GroupByKey -> WriteShard (sorted by id)
+  Create(ReadTask per id range) -> Reshuffle -> ReadBlocks: (kind, ImageBlock | DecodeFailure)
+      Blocks ([ImageBlock]: pre-batched) -> RunInference(JaxEmbedHandler: preprocess, pad, jitted embed_fn)
+             -> ByShard ((split, shard) -> piece) -> GroupByKey -> WriteShard (sorted by id) -> (split, shard, ...)
+      Failures -> DecodeFailure
+  (written shards, failures, one start marker) -> one key -> GroupByKey -> Finish: dead_letter.jsonl (sorted) and
+      the shards no image went to (empty)
+
+Only single-output ParDos, no side inputs, and one last step that depends on everything: runners differ there
+(Beam's DaskRunner hands a multi-output ParDo's every output to every consumer, recomputes a side input's
+producers inside each consuming task, drops what a DoFn emits in finish_bundle, and computes only the graph's last
+transform and what it depends on).
 
 Output bytes do not depend on the runner or worker count: blocks are cut from fixed id ranges, every batch
 has the same compiled shape, shard i holds exactly the ids of its id range (sorted) and is written once, and
-the dead-letter file is sorted. Extra command-line flags are Beam `PipelineOptions`, passed on untouched.
+the dead-letter file is sorted. Extra command-line flags are Beam `PipelineOptions` (`pipelines.runners` spells out
+a runner shorthand: --runner=dask).
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import argparse
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -31,6 +38,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from alignet_data import artifacts
 from alignet_data.checks import InputError, check_name
 from alignet_data.teacher import embed_blocks, embeddings, image_sources
+from pipelines import runners
 
 __all__ = ["STAGE", "EmbedImages", "JaxEmbedHandler", "add_arguments", "config_from_args", "default_config",
            "input_urls", "parse_source_flags", "run"]
@@ -170,12 +178,12 @@ class JaxEmbedHandler(inference.ModelHandler):
   """RunInference strategy for a JAX/Flax model from `alignet_data.models` (or any object with the same
   `preprocess`, `embed_fn`, `params`): loaded once per worker process, `embed_fn` jitted, one input shape.
 
-  Elements are `ImageBlock`s of at most batch_size images; BatchElements passes them one at a time.
+  Elements come pre-batched: a list of one `ImageBlock` of at most batch_size images (`should_skip_batching`).
   """
 
   def __init__(self, model_spec: str, batch_size: int, load_fn: Callable[[str], Any] | None = None,
                compute_dtype: str = "auto"):
-    super().__init__(min_batch_size=1, max_batch_size=1)
+    super().__init__()
     self.model_spec = model_spec
     self.batch_size = batch_size
     self.load_fn = load_fn
@@ -198,6 +206,11 @@ class JaxEmbedHandler(inference.ModelHandler):
       beam.metrics.Metrics.counter(NAMESPACE, "batches").inc(-(-len(block) // self.batch_size))
     return out
 
+  def should_skip_batching(self) -> bool:
+    # Blocks are batches already, and BatchElements emits its last batch in finish_bundle, whose outputs Beam's
+    # DaskRunner drops: with BatchElements, every block of a Dask partition's end was lost.
+    return True
+
   def get_num_bytes(self, batch: Sequence[image_sources.ImageBlock]) -> int:
     return sum(sum(np.asarray(im).nbytes for im in b.images) for b in batch)
 
@@ -205,17 +218,29 @@ class JaxEmbedHandler(inference.ModelHandler):
     return NAMESPACE
 
 
-def _read_blocks(task: image_sources.ReadTask, sources: dict[str, image_sources.ImageSource], batch_size: int):
+def _read_blocks(task: image_sources.ReadTask, sources: dict[str, image_sources.ImageSource],
+                 batch_size: int) -> Iterator[tuple[str, Any]]:
+  """A read task -> (FAILED, DecodeFailure) per undecodable record, (BLOCK, ImageBlock of <= batch_size images)."""
   block, failures = sources[task.split].read(task)
   for failure in failures:
     beam.metrics.Metrics.counter(NAMESPACE, "failed").inc()
-    yield beam.pvalue.TaggedOutput("failed", failure)
+    yield embed_blocks.FAILED, failure
   for start in range(0, len(block), batch_size):
-    yield block.take(start, start + batch_size)
+    yield embed_blocks.BLOCK, block.take(start, start + batch_size)
+
+
+def _select(item: tuple[str, Any], kind: str, batch: bool = False) -> Iterator[Any]:
+  if item[0] == kind:
+    yield [item[1]] if batch else item[1]
+
+
+def _for_finish(value: Any, kind: str) -> tuple[int, tuple[str, Any]]:
+  return 0, (kind, value)  # One key: the Finish step sees everything.
 
 
 class EmbedImages(beam.PTransform):
-  """PBegin -> {"shards": (split, shard, rows), "dead_letter": count}: the whole embed graph (module docstring).
+  """PBegin -> {"shards": (split, shard, rows, dim), "done": (failures, empty shards)}: the whole embed graph
+  (module docstring).
 
   Files are side effects: shards under `shard_dir`, failures in `dead_letter_url`.
   """
@@ -236,25 +261,22 @@ class EmbedImages(beam.PTransform):
     read = (pbegin
             | "Tasks" >> beam.Create(tasks)  # ReadTask
             | "Spread" >> beam.Reshuffle()
-            | "ReadBlocks" >> beam.FlatMap(_read_blocks, self.sources, self.batch_size).with_outputs(
-                "failed", main="blocks"))  # blocks: ImageBlock of <= batch_size images; failed: DecodeFailure
-    embedded = read.blocks | "Embed" >> inference.RunInference(self.handler)  # EmbeddedBlock
-    dim = (embedded
-           | "Dim" >> beam.Map(lambda b: b.vectors.shape[1])
-           | "MaxDim" >> beam.CombineGlobally(lambda dims: max(dims, default=0)))  # int (0: nothing decoded)
-    pieces = (embedded
-              | "ByShard" >> beam.FlatMap(embed_blocks.split_by_shard, self.rows_per_shard))  # ((split, shard), block)
-    every_shard = pbegin | "AllShards" >> beam.Create(
-        [((split, i), None) for split in sorted(num_shards) for i in range(num_shards[split])])
-    shards = ((pieces, every_shard)
-              | "Flatten" >> beam.Flatten()
-              | "GroupShards" >> beam.GroupByKey()  # ((split, shard), [EmbeddedBlock | None])
-              | "WriteShards" >> beam.Map(embed_blocks.write_shard, self.shard_dir, num_shards,
-                                          beam.pvalue.AsSingleton(dim), self.dtype))  # (split, shard, rows)
-    dead = (read.failed
-            | "CollectFailures" >> beam.combiners.ToList()  # [DecodeFailure]
-            | "WriteDeadLetter" >> beam.Map(embed_blocks.write_dead_letter, self.dead_letter_url))  # count
-    return {"shards": shards, "dead_letter": dead}
+            | "ReadBlocks" >> beam.FlatMap(_read_blocks, self.sources, self.batch_size))  # (kind, block | failure)
+    shards = (read
+              | "Blocks" >> beam.FlatMap(_select, embed_blocks.BLOCK, True)  # [ImageBlock of <= batch_size images]
+              | "Embed" >> inference.RunInference(self.handler)  # EmbeddedBlock
+              | "ByShard" >> beam.FlatMap(embed_blocks.split_by_shard, self.rows_per_shard)  # ((split, shard), piece)
+              | "GroupShards" >> beam.GroupByKey()
+              | "WriteShards" >> beam.Map(embed_blocks.write_shard, self.shard_dir, num_shards, self.dtype))
+    failed = read | "Failures" >> beam.FlatMap(_select, embed_blocks.FAILED)  # DecodeFailure
+    done = ((shards | "ShardsDone" >> beam.Map(_for_finish, embed_blocks.SHARD),
+             failed | "FailuresDone" >> beam.Map(_for_finish, embed_blocks.FAILED),
+             pbegin | "Start" >> beam.Create([_for_finish(None, embed_blocks.START)]))
+            | "Gather" >> beam.Flatten()
+            | "GatherOnce" >> beam.GroupByKey()
+            | "Finish" >> beam.Map(embed_blocks.finish, self.shard_dir, self.dead_letter_url, num_shards,
+                                   self.dtype))  # (failures, empty shards written)
+    return {"shards": shards, "done": done}
 
 
 def _counters(result: Any) -> dict[str, int]:
@@ -284,18 +306,22 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   shard_dir = writer.makedirs(embeddings.SHARD_DIR)
   dead_letter_url = writer.path(DEAD_LETTER)
   staging_dir = writer.makedirs(_STAGING)
-  p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+  p = beam.Pipeline(options=PipelineOptions(runners.beam_args(beam_args)))
   _ = p | "EmbedImages" >> EmbedImages(
       sources, handler, batch_size=config["batch_size"], rows_per_shard=config["rows_per_shard"],
       images_per_range=config["images_per_range"], dtype=config["dtype"], shard_dir=shard_dir,
       dead_letter_url=dead_letter_url, staging_dir=staging_dir)
   result = p.run()
-  state = result.wait_until_finish()
-  if str(state).rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
-    raise RuntimeError(f"Embed pipeline ended in state {state}.")
+  try:
+    state = result.wait_until_finish()
+    if str(state).rsplit(".", 1)[-1] not in ("DONE", "UNKNOWN"):
+      raise RuntimeError(f"Embed pipeline ended in state {state}.")
+    counters = _counters(result)
+  finally:
+    runners.release(result)
   if writer.fs.exists(writer.local_path(_STAGING)):  # Staged path listings are not part of the artifact.
     writer.fs.rm(writer.local_path(_STAGING), recursive=True)
-  return _finish(config, sources, writer, _counters(result))
+  return _finish(config, sources, writer, counters)
 
 
 def _finish(config: dict[str, Any], sources: dict[str, image_sources.ImageSource], writer: artifacts.ArtifactWriter,

@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["DASK_RUNNER", "beam_args", "runner"]
+__all__ = ["DASK_RUNNER", "beam_args", "release", "runner"]
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 _SHORTHANDS = {"dask": DASK_RUNNER, "daskrunner": DASK_RUNNER}
@@ -49,3 +50,11 @@ def beam_args(args: Sequence[str]) -> list[str]:
   if name == DASK_RUNNER and not any(a.split("=", 1)[0] in _DASK_PARTITIONING for a in out):
     out.extend(_DASK_DEFAULTS)
   return out
+
+
+def release(result: Any) -> None:
+  """Close what a finished pipeline's result holds open. Beam's DaskRunner leaves its dask Client connected: one
+  per stage in `alignet run`, each retrying (and logging) once the scheduler is gone."""
+  client = getattr(result, "client", None)
+  if client is not None and callable(getattr(client, "close", None)):
+    client.close()

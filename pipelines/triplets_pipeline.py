@@ -35,7 +35,7 @@ import numpy as np
 from alignet_data import artifacts
 from alignet_data.checks import check_name
 from alignet_data.dataset import sampling, shards, triplet_blocks, triplet_plan
-from pipelines import stages
+from pipelines import runners, stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "SampleTriplets"]
 
@@ -113,9 +113,12 @@ _LOCK = threading.Lock()
 
 
 def _inputs(config: dict[str, Any]) -> triplet_blocks.TripletInputs:
-  """Per-process cache: DoFn instances on one worker share one copy of the embeddings."""
+  """Per-process cache: DoFn instances in one process share one copy of the matrices, loaded by the first that
+  needs them (never carried from the driver). Keyed by the input URLs and their contents' digests (manifests): a
+  Dask worker process outlives a pipeline, and an input rewritten at the same URL must be read again."""
   keys = ("embeddings", "split", "transform", "clusters", "strategy", "valid_strategies", "seed")
-  key = artifacts.digest({k: config[k] for k in keys})
+  digests = {k: artifacts.input_digest(config[k]) for k in ("embeddings", "transform", "clusters") if config.get(k)}
+  key = artifacts.digest({**{k: config[k] for k in keys}, "contents": digests})
   with _LOCK:
     if key not in _LOADED:
       _LOADED.clear()
@@ -237,8 +240,13 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   from apache_beam.options.pipeline_options import PipelineOptions
   print(f"[{STAGE}] {sum(s.num for s in plan.values())} triplets in {len(triplet_plan.shard_specs(plan))} shards "
         f"of {', '.join(plan)} (Beam {' '.join(beam_args) or 'DirectRunner'})", flush=True)
-  with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
-    _ = p | "Triplets" >> SampleTriplets(config, writer.tmp_url, plan)
+  p = beam.Pipeline(options=PipelineOptions(runners.beam_args(beam_args)))
+  _ = p | "Triplets" >> SampleTriplets(config, writer.tmp_url, plan)
+  result = p.run()
+  try:
+    result.wait_until_finish()
+  finally:
+    runners.release(result)
   ran = time.perf_counter()
   report = _finish(config, writer, inputs, plan)
   timing = report.pop("_timing")

@@ -81,25 +81,47 @@ def split_by_shard(block: EmbeddedBlock, ids_per_shard: int) -> Iterable[tuple[t
                                                block.file_names[sel], block.vectors[sel])
 
 
-def write_shard(keyed: tuple[tuple[str, int], Iterable[EmbeddedBlock | None]], shard_dir: str,
-                num_shards: dict[str, int], dim: int, dtype: str) -> tuple[str, int, int]:
-  """Write one shard from its pieces (None: the marker that makes every shard exist); -> (split, shard, rows)."""
+def write_shard(keyed: tuple[tuple[str, int], Iterable[EmbeddedBlock]], shard_dir: str, num_shards: dict[str, int],
+                dtype: str) -> tuple[str, int, int, int]:
+  """Write one shard from its pieces; -> (split, shard, rows, vector size)."""
   (split, shard), pieces = keyed
-  if dim == 0:  # No image of any split decoded: nothing to write; the stage's finish says so, naming the dead letters.
-    return split, shard, 0
-  pieces = [p for p in pieces if p is not None]
-  if pieces:
-    ids = np.concatenate([p.ids for p in pieces])
-    labels = np.concatenate([p.labels for p in pieces])
-    names = np.concatenate([p.file_names for p in pieces])
-    vectors = np.concatenate([p.vectors for p in pieces])
-  else:
-    ids, labels, names, vectors = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, str),
-                                   np.zeros((0, dim), np.float32))
-  n = num_shards[split]
-  name = embeddings.shard_name(split, shard, n).split("/", 1)[1]
-  rows = embeddings.write_shard(artifacts.join(shard_dir, name), ids, labels, names, vectors, dim, dtype)
-  return split, shard, rows
+  pieces = list(pieces)
+  dim = int(pieces[0].vectors.shape[1])
+  rows = _write_shard(shard_dir, split, shard, num_shards[split], np.concatenate([p.ids for p in pieces]),
+                      np.concatenate([p.labels for p in pieces]), np.concatenate([p.file_names for p in pieces]),
+                      np.concatenate([p.vectors for p in pieces]), dim, dtype)
+  return split, shard, rows, dim
+
+
+def _write_shard(shard_dir: str, split: str, shard: int, count: int, ids: np.ndarray, labels: np.ndarray,
+                 names: np.ndarray, vectors: np.ndarray, dim: int, dtype: str) -> int:
+  name = embeddings.shard_name(split, shard, count).split("/", 1)[1]
+  return embeddings.write_shard(artifacts.join(shard_dir, name), ids, labels, names, vectors, dim, dtype)
+
+
+# Kinds of the elements the embed graph's last step gathers (`finish`), and of what a read task yields.
+BLOCK, FAILED, SHARD, START = "block", "failed", "shard", "start"
+
+
+def finish(gathered: tuple[Any, Iterable[tuple[str, Any]]], shard_dir: str, dead_letter_url: str,
+           num_shards: dict[str, int], dtype: str) -> tuple[int, int]:
+  """The graph's last step, over every (SHARD, write_shard's result) and (FAILED, DecodeFailure) (and the START
+  marker that makes it run when there are neither): write the dead-letter file, and each shard no image went to,
+  empty at the others' vector size. With no image decoded at all there is no size: no shard is written (the
+  stage's finish then fails naming the dead letters). One step after all others, rather than side inputs, so that
+  every runner computes it once and all else with it. -> (failures, empty shards written)."""
+  _, items = gathered
+  items = list(items)
+  written = {(v[0], v[1]): v[3] for kind, v in items if kind == SHARD}  # (split, shard) -> vector size
+  failures = write_dead_letter([v for kind, v in items if kind == FAILED], dead_letter_url)
+  dim = max(written.values(), default=0)
+  empty = [(split, i) for split in sorted(num_shards) for i in range(num_shards[split]) if (split, i) not in written]
+  if dim == 0:
+    return failures, 0
+  for split, shard in empty:
+    _write_shard(shard_dir, split, shard, num_shards[split], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                 np.zeros(0, str), np.zeros((0, dim), np.float32), dim, dtype)
+  return failures, len(empty)
 
 
 def write_dead_letter(failures: list[image_sources.DecodeFailure], url: str) -> int:
