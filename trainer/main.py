@@ -2,6 +2,7 @@
 
 Command line (resumes in place; one JSON config format, as every stage's config is JSON data):
   alignet train --shards X --student demo-student --steps 200 --workdir W [--config c.json] [--set key=value]
+      [--coordinator HOST:PORT --num-processes N --process-id I]
 X is a triplets artifact, a published version, or a folder of released npz files (`<transform>/{train,val}_
 <sampling>.npz`, chosen with --transform/--sampling; every `val_*` file is its own validation set, reported as
 `val_triplet_accuracy/<sampling>` and their mean `val_triplet_accuracy`; or `alignet_{train,valid}.npz`). The
@@ -12,6 +13,13 @@ files), `metrics.jsonl`, `metrics_before.json` (validation before training, kept
 `metrics.json` (final `loss`, `val_triplet_accuracy`, `steps_per_second`, ...), and the fine-tuned encoder
 `student.npz` + `student.json`. Option ranges are checked first (`train.validate_config`), before anything is
 written, read or compiled.
+
+Several processes (hosts) train one model when launched with `--coordinator HOST:PORT --num-processes N
+--process-id I` each, `--coordinator auto`, or under `srun`/on a TPU pod (`trainer.distributed` says exactly
+when): every process runs the same command with the same workdir, loads only its slice of each global batch,
+and process 0 alone writes the workdir (checkpoints are written collectively, so `--checkpoint-dir` must be a
+directory every host sees, e.g. gs://). These are launch settings, not training config: they are not kept in
+config.json, so a run resumed with another number of processes (the same global batch) sees no config change.
 
 As a chain stage (`alignet run`, `run()` below), the train artifact holds the same files, so
 `models.load_model("<config-name>:<artifact>/student.npz")` loads the result (or, in the evaluate stage's
@@ -26,9 +34,11 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from alignet_data import artifacts
 from alignet_data.checks import InputError
-from trainer import train
+from trainer import distributed, train
 
 STAGE = "train"
 
@@ -81,6 +91,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
   for key, (kind, help_text) in _FLAGS.items():
     parser.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=help_text)
+  launch = parser.add_argument_group("multi-process launch (not training config: not kept in config.json)")
+  launch.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                      help="process 0's address, the same on every process; 'auto': jax.distributed.initialize() "
+                      "detects the cluster (SLURM, Cloud TPU, GKE, Open MPI). Without these flags, a multi-task srun "
+                      "step or a TPU pod environment is detected; otherwise one process")
+  launch.add_argument("--num-processes", type=int, default=None, help="how many processes train together "
+                      "(1: one process, no detection)")
+  launch.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1 (0 writes the "
+                      "workdir)")
+  launch.add_argument("--coordinator-timeout", type=int, default=None, metavar="SECONDS",
+                      help=f"how long to wait for every process to join (default {distributed.DEFAULT_TIMEOUT_S})")
 
 
 def _merge(config: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
@@ -127,20 +148,40 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
   return config
 
 
+def _print_config(config: dict[str, Any]) -> None:
+  print("[train] config:\n" + json.dumps(config, indent=2, sort_keys=True), flush=True)
+
+
 def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
-  """`alignet train ... --workdir W`: train (or resume) in W, printing the config and where everything went."""
+  """`alignet train ... --workdir W`: train (or resume) in W, printing the config and where everything went.
+
+  With several processes, each runs this; only process 0 prints the config and summary (and writes W)."""
   del beam_args  # Not a Beam stage (the CLI refuses extra flags for it).
   config = config_from_args(args)
-  train.validate_config(config)  # Before anything is written, read or compiled (devices are checked later).
+  launch = distributed.resolve_launch(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                      getattr(args, "process_id", None), getattr(args, "coordinator_timeout", None))
+  # Before anything is written, read or compiled (devices, and auto-detected process counts, are checked later).
+  train.validate_config(config, processes=launch.num_processes)
   if args.verify:
     artifacts.verify_inputs(input_urls(config))  # Shards, world, images, checkpoint: each against its manifest.
   else:
     print("[train] WARNING: inputs not verified against their manifests (--no-verify)", flush=True)
   workdir = args.workdir.rstrip("/")
   ckpt_dir = train.checkpoint_directory(workdir, config["checkpoint_dir"])  # Refuses what orbax cannot write.
-  print("[train] config:\n" + json.dumps(config, indent=2, sort_keys=True), flush=True)
   if args.print_config:
+    _print_config(config)
     return 0
+  if launch.multi_process:
+    how = launch.detected or f"coordinator {launch.coordinator}, process {launch.process_id}"
+    print(f"[train] joining {launch.num_processes or 'the other'} processes ({how}; timeout {launch.timeout_s} s)",
+          flush=True)
+  distributed.initialize(launch)  # Before any JAX computation; nothing for one process.
+  if jax.process_index() != 0:  # Trains its share and takes part in every collective; writes nothing.
+    print(f"[train] process {jax.process_index()} of {jax.process_count()} ({jax.local_device_count()} of "
+          f"{jax.device_count()} devices): training; process 0 writes {workdir}", flush=True)
+    train.train_and_evaluate(config, workdir)
+    return 0
+  _print_config(config)
   saved = artifacts.join(workdir, "config.json")
   fs, path = artifacts.url_to_fs(saved)
   if fs.isfile(path):
@@ -150,7 +191,8 @@ def command(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
       print(f"[train] config differs from the last run in {workdir} in {changed} (resuming anyway; a new `steps` "
             "stretches the learning-rate schedule)", flush=True)
   print(f"[train] checkpoints: {ckpt_dir}; TensorBoard: {artifacts.join(workdir, 'tensorboard')}; metrics: "
-        f"{artifacts.join(workdir, 'metrics.jsonl')}, {artifacts.join(workdir, 'metrics.json')}", flush=True)
+        f"{artifacts.join(workdir, 'metrics.jsonl')}, {artifacts.join(workdir, 'metrics.json')}; "
+        f"{jax.process_count()} process(es), {jax.device_count()} device(s)", flush=True)
   result = train.train_and_evaluate(config, workdir, save_config=config)  # Writes config.json once inputs check.
   acc = result.get("val_triplet_accuracy")
   print(f"train: loss {result['loss']:.4f}, val_triplet_accuracy {'-' if acc is None else f'{acc:.4f}'}, "

@@ -90,10 +90,11 @@ def _option(key: str) -> str:
   return f"{key} ({flag})"
 
 
-def validate_config(config: Mapping[str, Any], devices: int | None = None) -> None:
+def validate_config(config: Mapping[str, Any], devices: int | None = None, processes: int | None = None) -> None:
   """Refuse out-of-range options up front (InputError naming the option and its value), before any data is
   read or anything compiled: a negative `steps` would otherwise train forever, `steps` 0 crash after exporting,
-  and a bad `batch_size` fail only after compiling. `devices`, when known, must divide `batch_size`."""
+  and a bad `batch_size` fail only after compiling. `processes` and `devices` (all processes'), when known, must
+  divide `batch_size`: each process loads an equal slice of every global batch, each device an equal part."""
   for key, minimum in _INT_MINIMUM.items():
     value = config.get(key, DEFAULTS[key])
     if isinstance(value, float) and value.is_integer():
@@ -119,6 +120,9 @@ def validate_config(config: Mapping[str, Any], devices: int | None = None) -> No
   except ValueError as e:
     raise InputError(f"train option {_option('seed')}: {e}") from e
   batch_size = int(config.get("batch_size", DEFAULTS["batch_size"]))
+  if processes and batch_size % processes:
+    raise InputError(f"train option {_option('batch_size')} {batch_size} does not split over {processes} processes "
+                     f"(each loads an equal slice of every global batch); use a multiple of {processes}.")
   if devices and batch_size % devices:
     raise InputError(f"train option {_option('batch_size')} {batch_size} does not split over {devices} devices; "
                      f"use a multiple of {devices}.")
@@ -285,9 +289,14 @@ _OPTIMIZER_KEYS = ("steps", "learning_rate", "warmup_steps", "decay_to_init", "g
 
 
 def make_mesh(devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
-  """A 1-D data-parallel mesh ('data') over all devices of all hosts (or the given ones)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.sharding.Mesh(np.array(devices), ("data",))
+  """A 1-D data-parallel mesh ('data') over all devices of all hosts (or the given ones).
+
+  Ordered by process, so that process i's devices hold the i-th contiguous block of every batch: the rows
+  `input_pipeline.host_slice` gives it.
+  """
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return jax.sharding.Mesh(np.array(list(devices)), ("data",))
 
 
 def _shardings(mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
@@ -322,6 +331,20 @@ def compiled_steps(embed_fn: Callable, opt_key: tuple, loss: str, tau: float, co
   eval_fn = jax.jit(functools.partial(eval_step, represent=represent, loss=loss, tau=tau),
                     in_shardings=(rep, data, data, data), out_shardings=rep)
   return tx, step_fn, eval_fn
+
+
+def sharded_embed(embed_fn: Callable, mesh: jax.sharding.Mesh,
+                  preprocess: Callable[[np.ndarray], np.ndarray]) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """(encoder params, a global batch of uint8 images, the same on every process) -> its embeddings, every row,
+  on every process. Each process preprocesses only its slice and the devices of all processes split the rows;
+  the batch must split over the mesh (the validation batch size does)."""
+  rep, data = _shardings(mesh)
+  embed = jax.jit(embed_fn, in_shardings=(rep, data), out_shardings=rep)
+
+  def fn(encoder: Any, images: np.ndarray) -> np.ndarray:
+    rows = input_pipeline.host_slice(np.asarray(images), jax.process_index(), jax.process_count())
+    return np.asarray(embed(encoder, *shard_batch(mesh, np.asarray(preprocess(rows)))))
+  return fn
 
 
 def jit_train_step(mesh: jax.sharding.Mesh, **step_kwargs: Any) -> Callable:
@@ -420,9 +443,16 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   otherwise). `model` and `images` override the config's `student` and image source (tests inject tiny
   stand-ins); `mesh` defaults to all devices. `validate_config` runs first: a bad option touches nothing.
 
+  With several processes (`jax.distributed` initialized, see trainer/distributed.py) every process calls this
+  with the same arguments: each loads its slice of every training and validation batch (and of the demo hooks'
+  images), all take part in every step, validation pass and orbax save/restore (collective), and only process 0
+  logs and writes the workdir (metrics, TensorBoard, config.json, student.npz). All return the same figures but
+  their own timings.
+
   `input_images_per_second` in the result is the input pipeline's own speed per worker: the images it made over
   the seconds spent inside its map function, summed over whichever threads or processes ran it (each batch
   carries its own time). With N threads not bound by the GIL, the pipeline can make about N times that.
+  `input_triplets` counts the training triplets this process loaded (steps trained x batch_size / processes).
   """
   from tqdm import tqdm
 
@@ -430,8 +460,12 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
 
   config = {**DEFAULTS, **config}
   mesh = make_mesh() if mesh is None else mesh
-  n_dev = mesh.devices.size
-  validate_config(config, devices=n_dev)  # First: nothing is read, written or compiled for a bad config.
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  # First: nothing is read, written or compiled for a bad config.
+  validate_config(config, devices=n_dev, processes=n_proc)
+  lead = jax.process_index() == 0  # The one process that logs and writes the workdir.
+  if not lead:
+    log = _discard
   steps, batch_size = int(config["steps"]), int(config["batch_size"])
   seed = input_pipeline.check_seed(config["seed"])
   ckpt_dir = checkpoint_directory(workdir, str(config["checkpoint_dir"] or ""))
@@ -453,8 +487,9 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   input_pipeline.check_indices(train_data, images, f"{config['shards']} (train)")
   for name, data in valid_sets.items():
     input_pipeline.check_indices(data, images, f"{config['shards']} (validation set {name})")
-  fs.makedirs(root, exist_ok=True)  # Only now: bad inputs leave no workdir behind.
-  if save_config is not None:
+  if lead:
+    fs.makedirs(root, exist_ok=True)  # Only now: bad inputs leave no workdir behind.
+  if save_config is not None and lead:
     artifacts.write_bytes(artifacts.join(workdir, "config.json"), artifacts.json_bytes(save_config))
   if model is None:
     from alignet_data import models
@@ -465,7 +500,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       f"{config['shards']}: {sources.describe()}"
       f"{f'; images {spec}' if spec else ''}; student {model.config.get('name', config['student'])} "
       f"(dim {model.dim}, head {head_dim or 'none'}, {dtype.name} compute) on {n_dev} {jax.default_backend()} "
-      f"device(s)")
+      f"device(s){f' of {n_proc} processes' if n_proc > 1 else ''}")
 
   opt_key = tuple((k, config[k]) for k in _OPTIMIZER_KEYS)
   tx, step_fn, eval_fn = compiled_steps(model.embed_fn, opt_key, config["loss"], float(config["tau"]), dtype.name,
@@ -476,10 +511,10 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   hooks = {}
   if config["hooks"] and isinstance(images, input_pipeline.DemoImages) and images.world_url:
     hooks = demo_hooks(images.world_url, list(config["hooks"]))
-  embed_jit = jax.jit(model.embed_fn)
   # Grain readers (threads) and this host's slice of every global batch, for training and validation alike.
   reading = {"threads": int(config["input_threads"]), "prefetch": int(config["prefetch_batches"]),
-             "process_index": jax.process_index(), "process_count": jax.process_count()}
+             "process_index": jax.process_index(), "process_count": n_proc}
+  embed_sharded = sharded_embed(model.embed_fn, mesh, model.preprocess)
 
   def eval_set(params, data: input_pipeline.Triplets) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -502,8 +537,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       for name, r in per_set.items():
         result.update({f"{k}/{name}": v for k, v in r.items()})
     for hook in hooks.values():
-      result.update(hook(lambda imgs: batching.embed_padded(functools.partial(embed_jit, params["encoder"]), imgs,
-                                                               eval_batch, prepare=model.preprocess)))
+      result.update(hook(lambda imgs: batching.embed_padded(functools.partial(embed_sharded, params["encoder"]),
+                                                            imgs, eval_batch)))
     return result
 
   manager = _checkpoint_manager(ckpt_dir, int(config["keep_checkpoints"]))
@@ -518,16 +553,16 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
     log(f"[train] resumed from step {start} (latest checkpoint in {ckpt_dir})")
   if start == 0:
     before = run_eval(state.params)
-    # Saved at once, so that a run killed before it writes metrics.json still reports them when resumed.
-    artifacts.write_bytes(artifacts.join(workdir, BEFORE_FILE), artifacts.json_bytes(before))
+    if lead:  # Saved at once, so that a run killed before it writes metrics.json still reports them when resumed.
+      artifacts.write_bytes(artifacts.join(workdir, BEFORE_FILE), artifacts.json_bytes(before))
     figures_before = _suffixed(before)
   else:
     before, figures_before = None, _saved_before(workdir, log)
 
   log_url = artifacts.join(workdir, "metrics.jsonl")
   rows = _read_jsonl(log_url, upto=start)  # A killed run's rows past its last checkpoint are dropped.
-  log_file = events.LogFile(log_url, b"".join(_jsonl_row(r) for r in rows))
-  tb = events.EventWriter(artifacts.join(workdir, "tensorboard"))
+  log_file = events.LogFile(log_url, b"".join(_jsonl_row(r) for r in rows)) if lead else _Discard()
+  tb = events.EventWriter(artifacts.join(workdir, "tensorboard")) if lead else _Discard()
   if before is not None:
     tb.scalars(0, _tb_scalars(before))
   # Steps start..steps-1 of the one batch order of this seed: a resumed run reads what a straight run would.
@@ -535,15 +570,17 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       train_data, images, model.preprocess, batch_size=batch_size, seed=seed, start_step=start, stop_step=steps,
       processes=int(config["input_processes"]), **reading))
   input_seconds = 0.0  # Seconds the input workers spent making batches (summed): the pipeline's own speed.
+  input_triplets = 0  # Training triplets this process loaded: its slice of every global batch.
 
   every = int(config["log_every"]) or steps
   eval_every = int(config["eval_every"])
   ckpt_every = int(config["checkpoint_every"])
   first_step_s, t0, t1, last = None, time.perf_counter(), None, (start, time.perf_counter())
   try:
-    with tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not lead) as bar:
       for step, batch in enumerate(batches, start + 1):  # A Python counter: no device sync.
         input_seconds += batch["seconds"]
+        input_triplets += len(batch["similarities"])
         state, metrics = step_fn(state, *shard_batch(mesh, batch["images"], batch["similarities"]))
         if first_step_s is None:  # The first step includes compilation: keep it out of steps/s.
           jax.block_until_ready(metrics)
@@ -586,9 +623,9 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
   after = run_eval(state.params)
   tb.scalars(steps, _tb_scalars(after))
   tb.close()
-  export_student(workdir, state.params, model)
+  if lead:
+    export_student(workdir, state.params, model)
 
-  n_proc = jax.process_count()
   result = {
       "loss": rows[-1]["loss"] if rows else None,
       **after,
@@ -598,23 +635,34 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, model: Any = 
       "resumed_from": start,
       "batch_size": batch_size,
       "devices": int(n_dev),
+      "processes": n_proc,
       "compute_dtype": dtype.name,
       "head_dim": head_dim,
       "steps_per_second": round(steps_per_second, 3),
       "images_per_second": round(steps_per_second * batch_size * 3, 1),
-      "input_images_per_second": round(trained * batch_size * 3 / n_proc / input_seconds, 1)
-      if input_seconds else None,
+      "input_images_per_second": round(input_triplets * 3 / input_seconds, 1) if input_seconds else None,
+      "input_triplets": input_triplets,
       "input_threads": reading["threads"],
       "first_step_seconds": round(first_step_s or 0.0, 2),
       "train_seconds": round(seconds, 2),
       "student": model.config.get("name", config["student"]),
   }
   result.update(figures_before)
-  artifacts.write_bytes(artifacts.join(workdir, "metrics.json"), artifacts.json_bytes(result))
+  if lead:
+    artifacts.write_bytes(artifacts.join(workdir, "metrics.json"), artifacts.json_bytes(result))
   before_acc, after_acc = result.get("val_triplet_accuracy_before"), result.get("val_triplet_accuracy")
   log(f"[train] val triplet accuracy {'?' if before_acc is None else f'{before_acc:.3f}'} -> "
       f"{'?' if after_acc is None else f'{after_acc:.3f}'}; {result['steps_per_second']:.2f} steps/s")
   return result
+
+
+def _discard(*_: Any, **__: Any) -> None:
+  """The log of every process but 0."""
+
+
+class _Discard:
+  """Stands in for the metrics.jsonl and TensorBoard writers on every process but 0."""
+  write = scalars = flush = close = staticmethod(_discard)
 
 
 def _suffixed(before: Mapping[str, Any]) -> dict[str, Any]:
