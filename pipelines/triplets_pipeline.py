@@ -18,8 +18,11 @@ triplet ids, never single triplets: one per output shard,
 so no triplet data crosses a shuffle: at 10^7 triplets the pipeline moves 100 small specs, not 4 GB of rows.
 Which triplet ids, strategies and rows each shard holds is fixed by the config alone (the plan,
 `alignet_data.dataset.triplet_plan`), so any runner, worker count or block size writes the same bytes; making a
-shard is `alignet_data.dataset.triplet_blocks`. Consumers shuffle (the trainer does). The released-layout npz
-(``npz`` in formats) is streamed from the shards' parts after the pipeline, never held whole in memory.
+shard is `alignet_data.dataset.triplet_blocks`. One caveat, with a transform: each process computes the transformed
+matrix with BLAS, and OpenBLAS rounds a one-thread product differently from a threaded one (any thread count >= 2
+agrees), so workers must run BLAS as the launcher does (Dask's nanny pins it to one thread: README, Dask).
+Consumers shuffle (the trainer does). The released-layout npz (``npz`` in formats) is streamed from the shards'
+parts after the pipeline, never held whole in memory.
 """
 from __future__ import annotations
 

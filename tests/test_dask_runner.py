@@ -27,11 +27,11 @@ def _quiet(_):
   pass
 
 
-def _start(args, log):
+def _start(args, log, env=None):
   """A process of our own, in its own process group (so that what it spawns is stopped with it)."""
   with open(log, "wb") as out:
     return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def _stop(procs):
@@ -64,10 +64,14 @@ def cluster(tmp_path_factory):
     while not scheduler_file.exists() and time.monotonic() < deadline and procs[0].poll() is None:
       time.sleep(0.2)
     address = json.loads(scheduler_file.read_text())["address"]
+    # As the README starts workers: BLAS on the host's cores, as in this (the driver's) process. The nanny would pin
+    # it to one thread, and OpenBLAS rounds a one-thread matrix product differently (the triplets' transform).
+    env = {**os.environ, "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": json.dumps({
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", str(len(os.sched_getaffinity(0))))})}
     for i in range(2):
       procs.append(_start([dask, "worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1",
                            "--no-dashboard", "--death-timeout", "60", "--local-directory", str(root / f"worker{i}")],
-                          root / f"worker{i}.log"))
+                          root / f"worker{i}.log", env))
     with distributed.Client(address, timeout=30) as client:
       client.wait_for_workers(2, timeout=max(1, deadline - time.monotonic()))
     yield address
@@ -111,25 +115,27 @@ def test_runner_shorthand_names_beams_dask_runner_and_its_options_pass():
 @pytest.mark.timeout(900)
 def test_embed_and_triplets_on_a_dask_cluster_write_the_bytes_of_direct_runner(cluster, tmp_path):
   on_dask = ["--runner=dask", f"--dask_client_address={cluster}", "--dask_connection_timeout=60"]
-  world = tiny_world(tmp_path, 8)
+  world = tiny_world(tmp_path, 250)  # 3000 pool images: a transform of them is large enough for threaded BLAS.
   folder = tmp_path / "imgs"
   files = {f"c{i % 3}/{i:02d}.png": _png(i, (10 + i % 4, 12)) for i in range(12)}
-  bad = {"a/broken.png": _png(99, (16, 16))[:40], "a/empty.png": b"", "a/text.png": b"text\n", "a/zero.png": b""}
-  files |= bad  # Dead letters, the first 4 ids: train shard 0 gets no image (written empty by the last step).
+  bad = {f"a/{i:02d}.png": [b"", b"text\n", _png(i, (16, 16))[:40]][i % 3] for i in range(64)}
+  files |= bad  # Dead letters, the first 64 ids: train shard 0 gets no image (written empty by the last step).
   for name, data in files.items():
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data)
-  config = {**embed_pipeline.default_config(), "model": "demo-teacher", "batch_size": 8, "rows_per_shard": 4,
-            "images_per_range": 16, "sources": {"pool": f"demo:{world}:pool", "train": f"files:{folder}/**/*.png"}}
+  config = {**embed_pipeline.default_config(), "model": "demo-teacher", "batch_size": 32, "rows_per_shard": 64,
+            "images_per_range": 256, "sources": {"pool": f"demo:{world}:pool", "train": f"files:{folder}/**/*.png"}}
   direct = _embed(config, tmp_path / "embed")
   dask = _embed(config, tmp_path / "embed_dask", on_dask)
   assert (dask.report["images"], dask.report["failed"]) == (direct.report["images"], len(bad))
-  assert _hashes(dask) == _hashes(direct) and "embeddings/train-00000-of-00004.parquet" in _hashes(dask)
+  assert _hashes(dask) == _hashes(direct) and "embeddings/train-00000-of-00002.parquet" in _hashes(dask)
   with dask.open("dead_letter.jsonl") as f:
     assert [json.loads(line)["file_name"] for line in f] == sorted(bad)
 
-  np.savez(tmp_path / "transform.npz", weights=np.eye(direct.report["dim"], dtype=np.float32) * 0.5,
-           bias=np.zeros(direct.report["dim"], np.float32), mean=np.float32(0), std=np.float32(1))
+  d = direct.report["dim"]
+  weights = np.random.default_rng(0).normal(size=(d, d)).astype(np.float32) / np.sqrt(d)  # Dense: rounding shows.
+  np.savez(tmp_path / "transform.npz", weights=weights, bias=np.zeros(d, np.float32), mean=np.float32(0),
+           std=np.float32(1))
   cconf = cluster_stage.default_config() | {"embeddings": direct.url, "k": 4, "plot": False}
   clusters = artifacts.run_stage("cluster", str(tmp_path / "cluster"), cconf, cluster_stage.input_urls(cconf),
                                  lambda w: cluster_stage.run(cconf, w), log=_quiet)
