@@ -100,24 +100,24 @@ def read_array(url: str, *, npz_keys: tuple[str, ...] = (), what: str = "numeric
   fs, path = artifacts.url_to_fs(url)
   if not fs.isfile(path):
     raise FileNotFoundError(f"File not found: {url}")
-  with fs.open(path, "rb") as f:
-    data = f.read()
-  if path.endswith(".npy"):
-    return load_npy(io.BytesIO(data), url, what=f"{what} (.npy)")
-  if path.endswith(".npz"):
-    arrays = load_npz(io.BytesIO(data), url, what=f"{what} (.npz)")
-    key = next((k for k in npz_keys if k in arrays), None)
-    if key is None and len(arrays) != 1:
-      wanted = f"none of {list(npz_keys)} and " if npz_keys else ""
-      raise InputError(f"{url}: holds {wanted}{len(arrays)} arrays {sorted(arrays)}; expected one {what}.")
-    return arrays[key if key is not None else next(iter(arrays))]
-  text = data.decode("utf-8", errors="replace")
-  lines = [line for line in text.splitlines() if line.split("#", 1)[0].strip()]
-  if not lines:
+  with fs.open(path, "rb") as f:  # Binary files are read from the stream: a large matrix is not held twice.
+    if path.endswith(".npy"):
+      return load_npy(f, url, what=f"{what} (.npy)")
+    if path.endswith(".npz"):
+      arrays = load_npz(f, url, what=f"{what} (.npz)")
+      key = next((k for k in npz_keys if k in arrays), None)
+      if key is None and len(arrays) != 1:
+        wanted = f"none of {list(npz_keys)} and " if npz_keys else ""
+        raise InputError(f"{url}: holds {wanted}{len(arrays)} arrays {sorted(arrays)}; expected one {what}.")
+      return arrays[key if key is not None else next(iter(arrays))]
+    text = f.read().decode("utf-8", errors="replace")
+  rows = [line.split("#", 1)[0] for line in text.splitlines()]
+  rows = [r for r in rows if r.strip()]
+  if not rows:
     raise InputError(f"{url}: is empty; expected a {what} as text rows (give at least one row).")
-  try:
+  try:  # Commas separate numbers when the first row (its comment left out) has one.
     return np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2, comments="#",
-                      delimiter="," if "," in lines[0] else None)
+                      delimiter="," if "," in rows[0] else None)
   except ValueError as e:
     raise InputError(f"{url}: cannot parse as a {what} (text: numbers separated by whitespace or commas): {e}"
                      ) from None

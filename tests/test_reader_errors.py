@@ -158,7 +158,7 @@ def test_one_reader_rule_for_npz_keys_and_suffixes(tmp_path):
   (tmp_path / "one.npz").write_bytes(_npz_bytes(x=np.ones((4, 2))))
   assert numeric_files.read_matrix(str(tmp_path / "one.npz"), npz_keys=("embeddings",)).shape == (4, 2)
   (tmp_path / "m.csv").write_text("# a comment\n1,2,3\n4,5,6\n")
-  (tmp_path / "m.txt").write_text("1 2 3\n4 5 6  # trailing\n")
+  (tmp_path / "m.txt").write_text("1 2 3  # a comment, with a comma\n4 5 6  # trailing\n")
   for name in ("m.csv", "m.txt"):
     np.testing.assert_array_equal(numeric_files.read_matrix(str(tmp_path / name)), [[1, 2, 3], [4, 5, 6]])
   assert numeric_files.is_array_file("x/m.CSV") and not numeric_files.is_array_file("runs/demo/embed")
