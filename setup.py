@@ -35,6 +35,7 @@ setuptools.setup(
         "google-crc32c",
         "numba>=0.68,<0.69",  # compiled hot loops (labelling, TFRecord encoding) in alignet_data/dataset/kernels.py
         "scipy",
+        "threadpoolctl",  # one-thread BLAS calls in clustering.transform_rows: the same bits on every worker
         "tqdm",
         "pillow",
         "matplotlib",

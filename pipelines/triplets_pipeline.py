@@ -18,9 +18,8 @@ triplet ids, never single triplets: one per output shard,
 so no triplet data crosses a shuffle: at 10^7 triplets the pipeline moves 100 small specs, not 4 GB of rows.
 Which triplet ids, strategies and rows each shard holds is fixed by the config alone (the plan,
 `alignet_data.dataset.triplet_plan`), so any runner, worker count or block size writes the same bytes; making a
-shard is `alignet_data.dataset.triplet_blocks`. One caveat, with a transform: each process computes the transformed
-matrix with BLAS, and OpenBLAS rounds a one-thread product differently from a threaded one (any thread count >= 2
-agrees), so workers must run BLAS as the launcher does (Dask's nanny pins it to one thread: README, Dask).
+shard is `alignet_data.dataset.triplet_blocks` (each process transforms the matrix with thread-independent bits:
+`clustering.transform_rows`).
 Consumers shuffle (the trainer does). The released-layout npz (``npz`` in formats) is streamed from the shards'
 parts after the pipeline, never held whole in memory.
 """

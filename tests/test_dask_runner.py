@@ -27,11 +27,11 @@ def _quiet(_):
   pass
 
 
-def _start(args, log, env=None):
+def _start(args, log):
   """A process of our own, in its own process group (so that what it spawns is stopped with it)."""
   with open(log, "wb") as out:
     return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
+                            start_new_session=True)
 
 
 def _stop(procs):
@@ -64,14 +64,11 @@ def cluster(tmp_path_factory):
     while not scheduler_file.exists() and time.monotonic() < deadline and procs[0].poll() is None:
       time.sleep(0.2)
     address = json.loads(scheduler_file.read_text())["address"]
-    # As the README starts workers: BLAS on the host's cores, as in this (the driver's) process. The nanny would pin
-    # it to one thread, and OpenBLAS rounds a one-thread matrix product differently (the triplets' transform).
-    env = {**os.environ, "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": json.dumps({
-        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", str(len(os.sched_getaffinity(0))))})}
+    # Started as the README starts them: the nanny pins BLAS to one thread, unlike this (the driver's) process.
     for i in range(2):
       procs.append(_start([dask, "worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1",
                            "--no-dashboard", "--death-timeout", "60", "--local-directory", str(root / f"worker{i}")],
-                          root / f"worker{i}.log", env))
+                          root / f"worker{i}.log"))
     with distributed.Client(address, timeout=30) as client:
       client.wait_for_workers(2, timeout=max(1, deadline - time.monotonic()))
     yield address

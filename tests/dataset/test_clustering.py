@@ -1,8 +1,13 @@
 """k-means clusters and the elbow criterion; the `cluster` stage on a small synthetic embeddings artifact."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from alignet_data import artifacts
+from alignet_data.checks import InputError
 from alignet_data.dataset import clustering
 from alignet_data.teacher import embeddings
 from alignet_data.teacher.transform import Transform
@@ -109,4 +114,28 @@ def test_embeddings_load_copies_shard_by_shard_into_one_matrix_and_transform_row
   with pytest.raises(KeyError, match="has \\['pool'\\]"):
     embeddings.load(art.url, "things")
   t = Transform(np.eye(16, dtype=np.float32) * 2, np.ones(16, np.float32))
-  np.testing.assert_allclose(clustering.transform_rows(t, x, block=77), t.apply(x), rtol=1e-6)
+  np.testing.assert_allclose(clustering.transform_rows(t, x), t.apply(x), rtol=1e-6)
+
+
+def test_transform_rows_gives_the_same_bits_whatever_the_thread_count(tmp_path):
+  """A Dask worker (BLAS pinned to one thread by its nanny) must label with the launcher's exact vectors."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((5000, 96)).astype(np.float32)
+  t = Transform(rng.standard_normal((96, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32))
+  one = clustering.transform_rows(t, x, threads=1)
+  np.testing.assert_array_equal(clustering.transform_rows(t, x, threads=2), one)
+  np.testing.assert_array_equal(clustering.transform_rows(t, x, threads=3), one)
+  np.testing.assert_allclose(one, t.apply(x), rtol=1e-5, atol=1e-5)
+  # A process whose BLAS is pinned to one thread, as in a Dask worker, computes the same bits.
+  np.save(tmp_path / "x.npy", x)
+  np.savez(tmp_path / "t.npz", **t.arrays())
+  code = ("import sys, numpy as np; from alignet_data.dataset import clustering; "
+          "from alignet_data.teacher.transform import Transform; "
+          "t = Transform.from_arrays(dict(np.load(sys.argv[2]))); "
+          "np.save(sys.argv[3], clustering.transform_rows(t, np.load(sys.argv[1])))")
+  subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"), str(tmp_path / "t.npz"),
+                  str(tmp_path / "y.npy")], check=True, timeout=120, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+  np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), one)
+  x[4321, 5] = np.float32(3e38)
+  with pytest.raises(InputError, match="rows from 4096"):
+    clustering.transform_rows(t, x, threads=2)
