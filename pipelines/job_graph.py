@@ -29,7 +29,9 @@ def _pipeline(beam_args: Sequence[str]) -> Any:
   from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
   from apache_beam.runners.runner import PipelineRunner, create_runner
 
-  options = PipelineOptions(list(beam_args))
+  from pipelines import runners
+
+  options = PipelineOptions(runners.beam_args(beam_args))  # As the stages read them: --runner=dask spelt out.
   name = options.view_as(StandardOptions).runner or "DirectRunner"
   pickler = "cloudpickle" if name.rsplit(".", 1)[-1] in ("DataflowRunner", "TestDataflowRunner") else \
       create_runner(name).default_pickle_library_override()

@@ -26,6 +26,7 @@ def test_imagenet_scale_embed_graph_is_small_and_has_no_local_path():
   pipeline, tasks = job_graph.embed_graph(config, "gs://alignet-test/embed", DATAFLOW, sources={"train": source})
   info = job_graph.describe("embed", pipeline, tasks)
   assert tasks == -(-IMAGENET_TRAIN // 2048) == 626
+  print(f"\nembed graph: {info['graph_bytes']:,} bytes, {tasks} read tasks")
   assert info["graph_bytes"] < job_graph.DATAFLOW_REQUEST_LIMIT / 100, info  # Well under: < 1% of 10 MB.
   assert info["local_paths"] == [], info
 
@@ -37,6 +38,7 @@ def test_ten_million_triplets_graph_is_small_and_has_no_local_path():
       "num": 10_000_000, "num_shards": 100, "num_valid": 10_000, "formats": ["tfrecord", "parquet", "npz"]}
   pipeline, shards = job_graph.triplets_graph(config, "gs://alignet-test/triplets", DATAFLOW, k=500)
   info = job_graph.describe("triplets", pipeline, shards)
+  print(f"\ntriplets graph: {info['graph_bytes']:,} bytes, {shards} shards")
   assert shards == 100 + 3
   assert info["graph_bytes"] < job_graph.DATAFLOW_REQUEST_LIMIT / 100, info
   assert info["local_paths"] == [], info
