@@ -66,7 +66,16 @@ def test_human_stage_on_a_world(world_url, human_url):
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
   params = art.load_npz("vice.npz")
   assert params["loc"].shape == params["scale"].shape == (30, report["dims_kept"])
-  assert len(art.read_json("history.json")) == 8
+  history = art.read_json("history.json")  # One entry per restart, the kept one's seed in the report.
+  assert [h["seed"] for h in history] == [r["seed"] for r in report["restarts"]]
+  assert len(history[0]["history"]) == 8 and report["seed"] in [h["seed"] for h in history]
+  kept = next(r for r in report["restarts"] if r["seed"] == report["seed"])
+  assert kept["val_nll"] == min(r["val_nll"] for r in report["restarts"])
+  cal = report["calibration"]
+  assert 0 <= cal["ece"] < 0.2 and 0 <= cal["ece_all_pairs"] < 0.2 and cal["reliability"]
+  assert art.open("reliability.png").read(8) == b"\x89PNG\r\n\x1a\n"
+  curve = report["accuracy_by_dims"]
+  assert curve[-1]["dims"] == report["dims_kept"] and abs(curve[-1]["accuracy"] - report["test_accuracy"]) < 1e-9
 
 
 def test_human_stage_is_byte_identical_for_a_seed(world_url, human_url, tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,10 @@ class ViceConfig:
   k: int = 5               # A dimension is kept when more than k objects are reliably positive in it.
   burnin: int = 500        # No convergence check before this epoch.
   ws: int = 200            # Converged when the pruned dimensionality is unchanged for ws epochs (after burn-in).
+  # Learning-rate schedule: lr until burn-in, then a geometric decay to lr * lr_final over the next ws epochs, and
+  # constant after. Annealing over the first window lets the noisy dimension count settle, so the convergence rule
+  # can fire (with a constant large step it keeps flickering by one dimension); 1.0 keeps lr constant (VICE's own).
+  lr_final: float = 1.0
   # Keep only the BH-selected dimensions in the final parameters: "converged" (only when the convergence rule
   # stopped training), "always" (VICE's behaviour) or "never". Before convergence the test can reject nearly
   # every dimension while they still carry signal (THINGS, batch 128, 40 epochs: 3 of 100 pass; p* accuracy on
@@ -81,6 +86,16 @@ class ViceResult:
   history: list[dict[str, float]]
   best_epoch: int | None = None  # With keep_best: the epoch whose parameters were returned.
   dims_significant: int = 0      # Dimensions passing the BH test at the end (kept when pruning applies).
+  seed: int = 0
+  val_nll: float | None = None       # With validation triplets: scores of the returned (pruned) parameters,
+  val_accuracy: float | None = None  # from cfg.val_samples posterior samples.
+  seconds: float = 0.0
+
+  def summary(self) -> dict[str, Any]:
+    """One restart's figures for a report."""
+    return {"seed": self.seed, "epochs": self.epochs, "converged": self.converged, "dims_kept": int(self.loc.shape[1]),
+            "dims_significant": self.dims_significant, "val_nll": self.val_nll, "val_accuracy": self.val_accuracy,
+            "best_epoch": self.best_epoch, "seconds": round(self.seconds, 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,6 +279,23 @@ def _posterior(params: dict[str, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
   return loc, (np.exp(np.asarray(params["log_scale"])) if "log_scale" in params else np.zeros_like(loc))
 
 
+def learning_rate(lr: float, lr_final: float, burnin: int, ws: int, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+  """lr until burn-in, then geometric decay to lr * lr_final over ws epochs (see ViceConfig.lr_final)."""
+  if lr_final == 1.0:
+    return lr
+  start, span = burnin * steps_per_epoch, max(ws * steps_per_epoch, 1)
+
+  def schedule(count: jax.Array) -> jax.Array:
+    return lr * jnp.exp(math.log(lr_final) * jnp.clip((count - start) / span, 0.0, 1.0))
+  return schedule
+
+
+@functools.lru_cache(maxsize=16)
+def _adam(lr: float, lr_final: float, burnin: int, ws: int, steps_per_epoch: int) -> optax.GradientTransformation:
+  """One optimizer object per setting: it is a static jit argument, so restarts reuse the compiled epoch."""
+  return optax.adam(learning_rate(lr, lr_final, burnin, ws, steps_per_epoch))
+
+
 def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         val_triplets: np.ndarray | None = None) -> ViceResult:
@@ -279,6 +311,7 @@ def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
     The posterior parameters, sorted by the L1 norm of loc, pruned to the significant dimensions where cfg.prune
     applies (all dimensions if none is significant), and the history.
   """
+  start = time.perf_counter()
   triplets = np.asarray(triplets, np.int64)
   if len(triplets) == 0:
     raise ValueError("VICE needs at least one training triplet.")
@@ -290,8 +323,10 @@ def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
     raise ValueError(f"prune must be one of {PRUNE_MODES}, got {cfg.prune!r}.")
   if cfg.model not in MODELS:
     raise ValueError(f"model must be one of {MODELS}, got {cfg.model!r}.")
+  if not 0.0 < cfg.lr_final <= 1.0:
+    raise ValueError(f"lr_final is a fraction of lr in (0, 1], got {cfg.lr_final}.")
   params = init_params(n_objects, cfg.dims, cfg.seed, cfg.model)
-  optimizer = optax.adam(cfg.lr)
+  optimizer = _adam(cfg.lr, cfg.lr_final, cfg.burnin, cfg.ws, -(-len(triplets) // cfg.batch_size))
   opt_state = optimizer.init(params)
   data = jnp.asarray(triplets)
   rng = np.random.default_rng([cfg.seed, 1])
@@ -343,6 +378,51 @@ def fit(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(),
       raise ValueError(f"SPoSE collapsed: the L1 penalty drove every weight to 0 (lmbda {cfg.lmbda}, lr {cfg.lr}); "
                        "lower lmbda.")
     kept = kept[(loc[:, kept] > 0).any(0)]
-  return ViceResult(loc=loc[:, kept].astype(np.float32), scale=scale[:, kept].astype(np.float32), kept=kept,
-                    epochs=epoch, converged=is_converged, history=history, best_epoch=best_epoch,
-                    dims_significant=len(significant))
+  result = ViceResult(loc=loc[:, kept].astype(np.float32), scale=scale[:, kept].astype(np.float32), kept=kept,
+                      epochs=epoch, converged=is_converged, history=history, best_epoch=best_epoch,
+                      dims_significant=len(significant), seed=cfg.seed)
+  if val_triplets is not None and len(val_triplets):
+    p = posterior_predictive(result.loc, result.scale, val_triplets, 1 if cfg.model == "spose" else cfg.val_samples,
+                             cfg.seed)
+    result.val_nll, result.val_accuracy = triplet_math.human_pair_nll(p), triplet_math.odd_one_out_accuracy(p)
+  result.seconds = time.perf_counter() - start
+  return result
+
+
+def fit_restarts(triplets: np.ndarray, n_objects: int, cfg: ViceConfig = ViceConfig(), restarts: int = 1,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 val_triplets: np.ndarray | None = None) -> tuple[ViceResult, list[ViceResult]]:
+  """`restarts` fits from seeds cfg.seed, cfg.seed + 1, ...; the one with the lowest validation NLL is kept.
+
+  VICE's objective is non-convex (ReLU, spike-and-slab prior) and its authors train several seeds and select
+  on held-out triplets; selection needs validation triplets unless there is only one restart.
+
+  Returns:
+    (the kept restart, every restart in seed order).
+  """
+  if restarts < 1:
+    raise ValueError(f"seeds (restarts) must be >= 1, got {restarts}.")
+  if restarts > 1 and (val_triplets is None or len(val_triplets) == 0):
+    raise ValueError(f"{restarts} restarts need validation triplets to choose between them (val_fraction > 0).")
+  results = []
+  for r in range(restarts):
+    callback = None if on_epoch is None else (lambda rec, r=r: on_epoch({**rec, "restart": r}))
+    results.append(fit(triplets, n_objects, dataclasses.replace(cfg, seed=cfg.seed + r), callback, val_triplets))
+  best = min(results, key=lambda res: (res.val_nll if res.val_nll is not None else 0.0, res.seed))
+  return best, results
+
+
+def accuracy_by_dims(loc: np.ndarray, scale: np.ndarray, triplets: np.ndarray, samples: int = 50, seed: int = 0,
+                     dims: list[int] | None = None) -> list[dict[str, float]]:
+  """Test accuracy and NLL of p* from the first d dimensions (stored sorted by importance) for each d: how much
+  of the fit the leading dimensions carry (default d = 1..all, thinned to at most 25 points)."""
+  total = loc.shape[1]
+  if dims is None:
+    dims = sorted({int(round(x)) for x in np.linspace(1, total, min(total, 25))})
+  out = []
+  for d in dims:  # Dropped dimensions zeroed (ReLU(0) adds nothing), not sliced: one compiled shape for all d.
+    keep = (np.arange(total) < d).astype(np.float32)
+    p = posterior_predictive(loc * keep, scale * keep, triplets, samples, seed)
+    out.append({"dims": int(d), "accuracy": triplet_math.odd_one_out_accuracy(p),
+                "nll": triplet_math.human_pair_nll(p)})
+  return out
