@@ -1,5 +1,9 @@
 """The `evaluate` stage: human-alignment and downstream metrics of any model, each with its 95% CI and n.
 
+Every interval names its method (`metrics.METHODS`; report.json's "bootstrap"."methods" describes those used):
+by default a bootstrap over all n items, plus one over THINGS objects for THINGS triplets; config["bootstrap"]
+protocol "paper" gives the paper's 100 resamples of 1,000 items instead, labelled bootstrap_subsample_1000.
+
 What can be evaluated (config["models"]: name -> spec; the first model is the report's "primary" one):
   "demo-student", "<config-name>:<checkpoint.npz>"   anything `models.load_model` takes (embeds images: the
                                                      demo world's, or files in config["images"] found by base
@@ -18,8 +22,8 @@ What can be evaluated (config["models"]: name -> spec; the first model is the re
 What is measured, when its data are configured (each part is skipped, with the reason in report["skipped"],
 when a model cannot provide the vectors it needs):
   THINGS   odd-one-out accuracy (ties wrong) on config["things_triplets"] (else the demo world's test
-           triplets), bootstrap CI; with soft labels (config["things_soft_labels"], or the world's), the KL of
-           human to model pair probabilities and their Pearson/Spearman correlation.
+           triplets), item and object bootstrap CIs (and Wald); with soft labels (config["things_soft_labels"], or
+           the world's), the KL of human to model pair probabilities and their Pearson/Spearman correlation.
   Levels   per level: accuracy vs the 5-response majority (no-majority triplets excluded, counted), the human
            leave-one-out noise ceiling, Spearman of model entropy vs mean log RT (RT > max_rt dropped); from
            released Levels CSVs (config["levels"], `alignet_data.evaluation.levels`) or the demo world.
@@ -44,12 +48,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignet_data import artifacts, checks
-from alignet_data.evaluation import analyses
+from alignet_data.evaluation import analyses, metrics
 from alignet_data.evaluation import report as rendering
 from alignet_data.evaluation.report import PLOT, PLOT_HIERARCHY, PLOT_PCA, PLOT_RT
 from alignet_data.evaluation.subjects import EMBEDDINGS_PREFIX, SAVEDMODEL_PREFIX, Subject, load_model, split_spec
 
 STAGE = "evaluate"
+BOOTSTRAP_PROTOCOLS = ("items_n", "paper")
 TRAIN_PREFIX = "train:"
 
 
@@ -69,7 +74,10 @@ def default_config() -> dict[str, Any]:
       "rsa": [],                 # [{"name", "matrix", "stimuli", "kind": "rsm" | "rdm"}]
       "probe": {"shots": [1, 10], "repeats": 5, "probe": "ridge", "l2": None, "split": ""},
       "hierarchy": {"base": "student_before", "aligned": "student_after", "max_items": 600},
-      "bootstrap": {"resamples": 100, "size": 1000},  # or an int: the number of resamples
+      # Intervals (each labelled with its method in the report): "items_n" resamples all n items (+ THINGS
+      # objects for THINGS triplets); "paper" is the paper's protocol, resamples of `size` items. resamples
+      # None = 1000 (items_n) or 100 (paper). An int: the number of resamples, protocol items_n.
+      "bootstrap": {"protocol": "items_n", "resamples": None, "size": 1000},
       "seed": 0,
       "entropy_tau": 100.0,  # temperature of the model's 3-way softmax whose entropy is its uncertainty
       "max_rt": 10.0,        # responses slower than this (s) are excluded from the RT analysis (paper)
@@ -98,8 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a human RSM (or RDM with ',rdm') and its stimulus list (repeatable)")
   parser.add_argument("--probe-split", default=None, help="embeddings split with labels for few-shot probing")
   parser.add_argument("--shots", default=None, help="comma-separated shots for probing, e.g. 1,10 ('' = none)")
-  parser.add_argument("--bootstrap-resamples", type=int, default=None)
-  parser.add_argument("--bootstrap-size", type=int, default=None)
+  parser.add_argument("--bootstrap-protocol", choices=BOOTSTRAP_PROTOCOLS, default=None,
+                      help="items_n (default): resample all n items, and THINGS objects; paper: the paper's 100 "
+                      "resamples of 1,000 items (labelled bootstrap_subsample_1000)")
+  parser.add_argument("--bootstrap-resamples", type=int, default=None, help="default 1000 (items_n) or 100 (paper)")
+  parser.add_argument("--bootstrap-size", type=int, default=None,
+                      help="items per resample of the paper's protocol (implies --bootstrap-protocol paper)")
   parser.add_argument("--seed", type=int, default=None)
   parser.add_argument("--entropy-tau", type=float, default=None)
   parser.add_argument("--batch-size", type=int, default=None)
@@ -150,18 +162,30 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config["probe"] = {**config["probe"], "shots": [int(s) for s in args.shots.split(",") if s.strip()]}
   if getattr(args, "no_plot", None):
     config["plot"] = False
-  for key in ("resamples", "size"):
-    value = getattr(args, f"bootstrap_{key}", None)
-    if value is not None:
-      config["bootstrap"] = {**_bootstrap(config), key: value}
+  boot = dict(config["bootstrap"])
+  if getattr(args, "bootstrap_size", None) is not None:
+    boot.update(protocol="paper", size=args.bootstrap_size)
+  for key in ("protocol", "resamples"):
+    if getattr(args, f"bootstrap_{key}", None) is not None:
+      boot[key] = getattr(args, f"bootstrap_{key}")
+  config["bootstrap"] = boot
   return config
 
 
-def _bootstrap(config: dict[str, Any]) -> dict[str, int]:
+def _bootstrap(config: dict[str, Any]) -> dict[str, Any]:
+  """{"protocol", "resamples", "size"} with the protocol's defaults filled in (size None = all n items)."""
   boot = config["bootstrap"]
   if isinstance(boot, int):
-    return {"resamples": boot, "size": 1000}
-  return {"resamples": int(boot.get("resamples", 100)), "size": int(boot.get("size", 1000))}
+    boot = {"resamples": boot}
+  protocol = boot.get("protocol", "items_n")
+  if protocol not in BOOTSTRAP_PROTOCOLS:
+    raise ValueError(f"evaluate: bootstrap protocol must be one of {list(BOOTSTRAP_PROTOCOLS)}, got {protocol!r}.")
+  resamples = boot.get("resamples")
+  if protocol == "items_n":
+    return {"protocol": protocol, "resamples": int(1000 if resamples is None else resamples), "size": None}
+  size = boot.get("size")
+  return {"protocol": protocol, "resamples": int(100 if resamples is None else resamples),
+          "size": int(metrics.PAPER_SIZE if size is None else size)}
 
 
 def model_specs(config: dict[str, Any]) -> dict[str, str | dict[str, Any]]:
@@ -185,7 +209,7 @@ def _levels_urls(config: dict[str, Any]) -> list[str]:
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
   checks.require_min(config, STAGE, seed=0, entropy_tau=1e-9, batch_size=1)
   boot = _bootstrap(config)
-  checks.require_min({"bootstrap_resamples": boot["resamples"], "bootstrap_size": boot["size"]}, STAGE,
+  checks.require_min({"bootstrap_resamples": boot["resamples"], "bootstrap_size": boot["size"] or 1}, STAGE,
                      bootstrap_resamples=1, bootstrap_size=1)
   for shots in config["probe"].get("shots") or []:
     checks.require_min({"shots": shots}, STAGE, shots=1)
@@ -251,7 +275,7 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
                               things_split=config["things_split"], images=config.get("images") or "", load=_load_model)
                 for name, spec in specs.items()}
     report["models"] = {name: s.describe() for name, s in subjects.items()}
-    part, hits = analyses.things(subjects, world, triplets_url=config.get("things_triplets") or "",
+    part, hits, objects = analyses.things(subjects, world, triplets_url=config.get("things_triplets") or "",
                                  soft_labels_url=config.get("things_soft_labels") or "",
                                  tau=float(config["things_tau"]), primary=report["primary"], boot=boot, skipped=skipped)
     report.update(part)
@@ -269,8 +293,10 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
     part, pca = analyses.hierarchy(subjects, world, base=tree["base"], aligned=tree["aligned"],
                                    max_items=int(tree["max_items"]), seed=seed, boot=boot, skipped=skipped)
     report.update(part)
-  report["comparisons"] = analyses.comparisons(report["primary"], correct, boot)
-  report["bootstrap"] = {"resamples": boot["n_resamples"], "size": boot["size"], "seed": boot["seed"]}
+  report["comparisons"] = analyses.comparisons(report["primary"], correct, boot, objects)
+  report["bootstrap"] = {"protocol": b["protocol"], "resamples": boot["n_resamples"], "size": boot["size"],
+                         "seed": boot["seed"], "level": 0.95,
+                         "methods": metrics.describe_methods(rendering.interval_methods(report))}
   report["skipped"] = skipped
 
   plots = []

@@ -1,9 +1,10 @@
 """The evaluate stage's analyses: one function per part of the report, over `subjects.Subject`s.
 
 Each takes the subjects, its data and settings as plain values and `boot` ({n_resamples, size, seed}, the
-bootstrap of every CI); it returns the report entries it measured (empty when its data are not configured) and,
-for the paired comparisons, each model's per-item correctness vectors by task ({task: {model: vector}}). A
-subject that cannot give the vectors a part needs is left out of it, the reason appended to `skipped`.
+bootstrap of every CI; size None = all n items); it returns the report entries it measured (empty when its data
+are not configured) and, for the paired comparisons, each model's per-item correctness vectors by task ({task:
+{model: vector}}). A subject that cannot give the vectors a part needs is left out of it, the reason appended to
+`skipped`.
 Nothing here writes files (`report` renders).
 """
 from __future__ import annotations
@@ -64,11 +65,15 @@ def _things_data(world: Any, triplets_url: str, soft_labels_url: str) -> tuple[A
 
 
 def things(subjects: Subjects, world: Any, *, triplets_url: str, soft_labels_url: str, tau: float, primary: str,
-           boot: dict[str, Any], skipped: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """THINGS odd-one-out accuracy (ties wrong) and, with soft labels, KL and correlations to the human ones."""
+           boot: dict[str, Any], skipped: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """THINGS odd-one-out accuracy (ties wrong) and, with soft labels, KL and correlations to the human ones.
+
+  Intervals: the item bootstrap and the object bootstrap (the triplets' objects), plus Wald for accuracy.
+  Returns (report entries, correctness by task, the triplets' object ids by task for paired comparisons).
+  """
   data = _things_data(world, triplets_url, soft_labels_url)
   if data is None:
-    return {}, {}
+    return {}, {}, {}
   triplets, source, soft = data
   n_objects = int(triplets.max()) + 1
   per_model, correct = {}, {}
@@ -77,18 +82,17 @@ def things(subjects: Subjects, world: Any, *, triplets_url: str, soft_labels_url
     if x is None:
       continue
     sims = triplet_math.triplet_similarities(np.asarray(x, np.float64), triplets)
-    row = metrics.things_accuracy(sims, **boot)
+    row = metrics.things_accuracy(sims, objects=triplets, **boot)
     correct[name] = triplet_math.odd_one_out_correct(sims)
-    row["wald_ci"] = metrics.wald_ci(row["accuracy"], row["n"])
     if soft is not None:
-      row["soft"] = metrics.things_soft(sims, soft, tau=tau, **boot)
+      row["soft"] = metrics.things_soft(sims, soft, tau=tau, objects=triplets, **boot)
     per_model[name] = row
   if not per_model:
-    return {}, {}
+    return {}, {}, {}
   primary = primary if primary in per_model else next(iter(per_model))
   # Top level: the primary model's figures (things.accuracy, things.ci, ...); per_model: every model's.
   entry = {**per_model[primary], "model": primary, "triplets": source, "per_model": per_model}
-  return {"things": entry}, {"things": correct}
+  return {"things": entry}, {"things": correct}, {"things": np.asarray(triplets)}
 
 
 def levels(subjects: Subjects, world: Any, *, levels_urls: Sequence[str], levels_split: str, max_rt: float,
@@ -214,8 +218,10 @@ def hierarchy(subjects: Subjects, world: Any, *, base: str, aligned: str, max_it
                         "pca_explained_variance": variance}}, pca
 
 
-def comparisons(primary: str, correct: dict[str, dict[str, np.ndarray]], boot: dict[str, Any]) -> dict[str, Any]:
-  """Every other model minus the primary one, per task, on the same items (paired bootstrap; McNemar)."""
+def comparisons(primary: str, correct: dict[str, dict[str, np.ndarray]], boot: dict[str, Any],
+                objects: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """Every other model minus the primary one, per task, on the same items (paired bootstrap; McNemar); a task
+  with THINGS object ids in `objects` gets the paired object bootstrap too."""
   out: dict[str, Any] = {}
   for task, by_model in correct.items():
     if primary not in by_model:
@@ -223,5 +229,5 @@ def comparisons(primary: str, correct: dict[str, dict[str, np.ndarray]], boot: d
     for name, values in by_model.items():
       if name != primary:
         out.setdefault(f"{name}_vs_{primary}", {})[task] = metrics.paired_comparison(
-            values, by_model[primary], **boot)
+            values, by_model[primary], objects=(objects or {}).get(task), **boot)
   return out

@@ -126,7 +126,7 @@ def few_shot(x: np.ndarray, labels: np.ndarray, shots: Sequence[int] = (1, 10), 
       accs.append(float((pred == y_all[te]).mean()))
       n_test = len(te)
     acc = float(np.mean(accs))
-    out[f"{k}shot"] = {"accuracy": acc, "ci": metrics.wald_ci(acc, n_test), "n": int(n_test),
+    out[f"{k}shot"] = {"accuracy": acc, "ci": metrics.wald_ci(acc, n_test), "ci_method": metrics.WALD, "n": int(n_test),
                        "n_train": int(len(tr)), "classes": int(len(classes) - skipped),
                        "classes_skipped": int(skipped), "repeats": accs, "probe": probe}
   return out

@@ -19,38 +19,81 @@ PLOT_HIERARCHY = "hierarchy.png"
 
 def _fmt(row: dict[str, Any], key: str = "accuracy") -> str:
   value = row.get(key, row.get("value"))
-  return f"{value:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]"
+  return f"{value:.3f} {_iv(row['ci'])}"
+
+
+def _iv(ci: Any) -> str:
+  return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def interval_methods(node: Any, extra: bool = True) -> list[str]:
+  """Every interval method a report (or part of it) uses: its "ci_method" values and (extra) "intervals" keys."""
+  found: set[str] = set()
+  if isinstance(node, dict):
+    if isinstance(node.get("ci_method"), str):
+      found.add(node["ci_method"])
+    if extra and isinstance(node.get("intervals"), dict):
+      found.update(node["intervals"])
+    for key, value in node.items():
+      if key != "intervals":
+        found.update(interval_methods(value, extra))
+  elif isinstance(node, list):
+    for value in node:
+      found.update(interval_methods(value, extra))
+  return sorted(found)
+
+
+def _ci(rows: Any) -> str:
+  """Column label naming the method of the "ci" intervals below it: "95% CI, bootstrap_items_n"."""
+  return "95% CI, " + " / ".join(interval_methods(list(rows), extra=False))
+
+
+def _bootstrap_line(boot: dict[str, Any]) -> str:
+  protocol = ("the paper's protocol: resamples of up to {size} items" if boot.get("protocol") == "paper"
+              else "resamples of all n items (THINGS: also of objects)").format(size=boot.get("size"))
+  return (f"Intervals are 95% and name their method (listed at the end); bootstrap: {boot['resamples']} "
+          f"{protocol}.")
 
 
 def markdown(report: dict[str, Any]) -> str:
-  """A one-page summary: every figure with its 95% CI and n, the plots embedded."""
+  """A one-page summary: every figure with its 95% CI (named by method) and n, the plots embedded."""
   lines = ["# Evaluation", "", "Models: " + ", ".join(f"`{n}` ({m['kind']}, d={m['dim']})"
                                                      for n, m in report["models"].items())
-           + f". Bootstrap: {report['bootstrap']['resamples']} resamples of up to {report['bootstrap']['size']} "
-           "items; intervals are 95%.", ""]
+           + ". " + _bootstrap_line(report["bootstrap"]), ""]
   if "things" in report:
     t = report["things"]
     tau = next((r["soft"]["tau"] for r in t["per_model"].values() if "soft" in r), None)
+    rows = list(t["per_model"].values())
+    softs = [r["soft"] for r in rows if "soft" in r]
+    soft_head = (f" KL(human‖model) [{_ci(s['kl'] for s in softs)}] | Pearson r [{_ci(s['pearson'] for s in softs)}] "
+                 f"| Spearman rho [{_ci(s['spearman'] for s in softs)}] |" if softs else "")
     lines += [f"## THINGS odd-one-out ({t['triplets']})", "",
               "Accuracy: ties count as wrong." + (f" Soft labels: model probabilities softmax(s / {tau:g}) vs the "
                                                  "human ones." if tau is not None else ""), "",
-              "| model | accuracy [95% CI] | n | KL(human‖model) "
-              "| Pearson r | Spearman rho |", "| --- | --- | --- | --- | --- | --- |"]
+              f"| model | accuracy [{_ci(rows)}] | [95% CI, {metrics.OBJECTS}] | [95% CI, {metrics.WALD}] | n |"
+              + soft_head, "|" + " --- |" * (5 + 3 * bool(softs))]
     for name, r in t["per_model"].items():
       soft = r.get("soft")
-      extra = (f"{_fmt(soft['kl'], 'value')} | {_fmt(soft['pearson'])} | {_fmt(soft['spearman'])}" if soft
-               else "| |")
-      lines.append(f"| {name} | {_fmt(r)} | {r['n']} | {extra} |")
+      extra = (f" {_fmt(soft['kl'], 'value')} | {_fmt(soft['pearson'])} | {_fmt(soft['spearman'])} |" if soft
+               else " | | |" if softs else "")
+      iv = {m: _iv(ci) for m, ci in r.get("intervals", {}).items()}
+      lines.append(f"| {name} | {_fmt(r)} | {iv.get(metrics.OBJECTS, '')} | {iv.get(metrics.WALD, '')} | {r['n']} |"
+                   + extra)
     lines.append("")
   if "levels" in report:
     levels = [lv for lv in metrics.LEVELS if lv in report["noise_ceiling"]]
-    lines += ["## Levels", "", "Odd-one-out accuracy against the majority of the responses [95% CI] (n triplets "
-              "with a majority).", "", "| model | " + " | ".join(levels) + " |", "|" + " --- |" * (len(levels) + 1)]
+    acc_rows = [r[lv] for r in report["levels"].values() for lv in levels]
+    lines += ["## Levels", "", f"Odd-one-out accuracy against the majority of the responses [{_ci(acc_rows)}] "
+              "(n triplets with a majority); human noise ceiling ["
+              f"{_ci(report['human'][lv]['noise_ceiling'] for lv in levels)}].", "",
+              "| model | " + " | ".join(levels) + " |", "|" + " --- |" * (len(levels) + 1)]
     for name, r in report["levels"].items():
       lines.append(f"| {name} | " + " | ".join(f"{_fmt(r[lv])} n={r[lv]['n']}" for lv in levels) + " |")
     lines.append("| human noise ceiling (LOO) | " + " | ".join(
         _fmt(report["human"][lv]["noise_ceiling"], "value") for lv in levels) + " |")
-    lines += ["", "Spearman rho of model entropy vs mean log RT (RT > 10 s dropped):", "",
+    rt_rows = [r[lv]["entropy_rt_spearman"] for r in [*report["levels"].values(), report["human"]] for lv in levels
+               if "entropy_rt_spearman" in r[lv]]
+    lines += ["", f"Spearman rho of model entropy vs mean log RT (RT > 10 s dropped) [{_ci(rt_rows)}]:", "",
               "| model | " + " | ".join(levels) + " |", "|" + " --- |" * (len(levels) + 1)]
     for name, r in report["levels"].items():
       lines.append(f"| {name} | " + " | ".join(_fmt(r[lv]["entropy_rt_spearman"], "value")
@@ -64,8 +107,8 @@ def markdown(report: dict[str, Any]) -> str:
     if PLOT_RT in report.get("plots", []):
       lines += [f"![entropy vs RT]({PLOT_RT})", ""]
   for ds, r in (report.get("rsa") or {}).items():
-    lines += [f"## RSA: {ds} ({r['kind']}, {r['stimuli']} stimuli)", "",
-              "| model | Pearson-kernel, Spearman | Pearson-kernel, Pearson | cosine, Spearman | cosine, Pearson |",
+    lines += [f"## RSA: {ds} ({r['kind']}, {r['stimuli']} stimuli)", "", f"Correlations [{_ci(r['models'].values())}].",
+              "", "| model | Pearson-kernel, Spearman | Pearson-kernel, Pearson | cosine, Spearman | cosine, Pearson |",
               "| --- | --- | --- | --- | --- |"]
     for name, k in r["models"].items():
       lines.append(f"| {name} | " + " | ".join(_fmt(k[kern][m], "value") for kern in ("pearson", "cosine")
@@ -73,8 +116,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("")
   if "probe" in report:
     shots = list(next(iter(report["probe"].values())))
-    lines += ["## Few-shot linear probe (Wald 95% CI)", "", "| model | " + " | ".join(shots) + " |",
-              "|" + " --- |" * (len(shots) + 1)]
+    lines += [f"## Few-shot linear probe [{_ci(report['probe'].values())}]", "",
+              "| model | " + " | ".join(shots) + " |", "|" + " --- |" * (len(shots) + 1)]
     for name, r in report["probe"].items():
       lines.append(f"| {name} | " + " | ".join(f"{_fmt(r[s])} n={r[s]['n']}" for s in shots) + " |")
     lines.append("")
@@ -82,7 +125,7 @@ def markdown(report: dict[str, Any]) -> str:
     h = report["hierarchy"]
     lines += [f"## Representation change along the hierarchy ({h['base']} -> {h['aligned']}, {h['images']} images)",
               "", "Mean change of z-scored pairwise distance (negative = closer after alignment).", "",
-              "| relation | change [95% CI] | pairs |", "| --- | --- | --- |"]
+              f"| relation | change [{_ci(h['distance_change'].values())}] | pairs |", "| --- | --- | --- |"]
     for rel, r in h["distance_change"].items():
       lines.append(f"| {rel} | {_fmt(r, 'value')} | {r['n']} |")
     lines.append("")
@@ -91,14 +134,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"![{alt}]({name})", ""]
   if report.get("comparisons"):
     lines += [f"## Paired comparisons (model - {report['primary']}, same items)", "",
-              "| comparison | task | difference [95% CI] | n | McNemar p |", "| --- | --- | --- | --- | --- |"]
+              "| comparison | task | difference [95% CI] | CI method | other intervals | n | McNemar p |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for comp, tasks in report["comparisons"].items():
       for task, r in tasks.items():
         p = ("< 1e-300" if r["p_value"] == 0 else f"{r['p_value']:.3g}") if "p_value" in r else ""
-        lines.append(f"| {comp} | {task} | {_fmt(r, 'difference')} | {r['n']} | {p} |")
+        other = "; ".join(f"{m} {_iv(ci)}" for m, ci in r.get("intervals", {}).items() if m != r["ci_method"])
+        lines.append(f"| {comp} | {task} | {_fmt(r, 'difference')} | {r['ci_method']} | {other} | {r['n']} | {p} |")
     lines.append("")
   if report.get("skipped"):
     lines += ["Skipped: " + "; ".join(report["skipped"]), ""]
+  methods = report["bootstrap"].get("methods") or metrics.describe_methods(interval_methods(report))
+  lines += ["## Interval methods", ""] + [f"- `{m}`: {text}" for m, text in methods.items()] + [""]
   return "\n".join(lines)
 
 

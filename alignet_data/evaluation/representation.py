@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from alignet_data.evaluation import metrics
+
 RELATIONS = ("same_subordinate", "same_basic", "same_superordinate", "different_superordinate")
 
 
@@ -42,7 +44,7 @@ def zscored_distances(x: np.ndarray) -> np.ndarray:
 
 def distance_change(base: np.ndarray, aligned: np.ndarray, subordinate: np.ndarray, basic: np.ndarray,
                     superordinate: np.ndarray, *, n_resamples: int = 100, seed: int = 0) -> dict[str, Any]:
-  """{relation: {value: mean z-scored change, ci, n: pairs}} (module doc)."""
+  """{relation: {value: mean z-scored change, ci (`metrics.IMAGES`), ci_method, n: pairs}} (module doc)."""
   if len(base) != len(aligned) or len(base) != len(subordinate):
     raise ValueError(f"Base ({len(base)}), aligned ({len(aligned)}) and labels ({len(subordinate)}) must list the "
                      "same images.")
@@ -68,7 +70,7 @@ def distance_change(base: np.ndarray, aligned: np.ndarray, subordinate: np.ndarr
       continue
     values = boot[:, r][np.isfinite(boot[:, r])]
     ci = [float(x) for x in np.percentile(values, [2.5, 97.5])] if len(values) else [float("nan")] * 2
-    out[name] = {"value": float(change[iu][sel].mean()), "ci": ci, "n": int(sel.sum())}
+    out[name] = {"value": float(change[iu][sel].mean()), "ci": ci, "ci_method": metrics.IMAGES, "n": int(sel.sum())}
   return out
 
 

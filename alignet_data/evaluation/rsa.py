@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from alignet_data import artifacts, numeric_files
+from alignet_data.evaluation import metrics
 
 KERNELS = ("pearson", "cosine")
 
@@ -69,21 +70,20 @@ def correlate(a: np.ndarray, b: np.ndarray, method: str = "spearman") -> float:
 
 
 def _resampled(a: np.ndarray, b: np.ndarray, idx: np.ndarray, method: str) -> float:
-  from scipy import stats
   i, j = np.triu_indices(len(idx), k=1)
   keep = idx[i] != idx[j]
   x, y = a[idx[i[keep]], idx[j[keep]]], b[idx[i[keep]], idx[j[keep]]]
   if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return float("nan")
-  return float({"spearman": stats.spearmanr, "pearson": stats.pearsonr}[method](x, y).statistic)
+  return {"spearman": metrics.rank_correlation, "pearson": metrics.pearson}[method](x, y)
 
 
 def rsa(x: np.ndarray, human: HumanMatrix, *, kernels: tuple[str, ...] = KERNELS, n_resamples: int = 100,
         seed: int = 0) -> dict[str, Any]:
   """Model representations (rows in the order of human.stimuli) vs a human matrix.
 
-  Returns {kernel: {"spearman": {value, ci, n}, "pearson": {...}}}, n = number of stimuli; CIs by the
-  stimulus bootstrap (module doc).
+  Returns {kernel: {"spearman": {value, ci, ci_method, n}, "pearson": {...}}}, n = number of stimuli; CIs by
+  the stimulus bootstrap (module doc; `metrics.STIMULI`).
   """
   x = np.asarray(x)
   if len(x) != len(human.stimuli):
@@ -100,7 +100,7 @@ def rsa(x: np.ndarray, human: HumanMatrix, *, kernels: tuple[str, ...] = KERNELS
       values = np.array([_resampled(model, target, idx, method) for idx in boots])
       values = values[np.isfinite(values)]
       ci = [float(v) for v in np.percentile(values, [2.5, 97.5])] if len(values) else [float("nan")] * 2
-      row[method] = {"value": correlate(model, target, method), "ci": ci, "n": n}
+      row[method] = {"value": correlate(model, target, method), "ci": ci, "ci_method": metrics.STIMULI, "n": n}
     out[kernel] = row
   return out
 

@@ -140,6 +140,25 @@ def small_world(tmp_path_factory):
                              log=lambda _: None).url
 
 
+def _assert_every_interval_labelled(node, where="report"):
+  """Every "ci" has a "ci_method" beside it and every "intervals" entry is keyed by a method; returns the methods."""
+  used = set()
+  if isinstance(node, dict):
+    if "ci" in node:
+      assert isinstance(node.get("ci_method"), str), f"{where} has an interval without its method"
+      used.add(node["ci_method"])
+    used.update(node.get("intervals", {}))
+    assert not any(k.endswith("_ci") for k in node), f"{where} has an unlabelled *_ci key"
+    for k, v in node.items():
+      used |= _assert_every_interval_labelled(v, f"{where}.{k}")
+  elif isinstance(node, list):
+    for i, v in enumerate(node):
+      used |= _assert_every_interval_labelled(v, f"{where}[{i}]")
+  for m in used:
+    assert m in metrics.METHODS or m.startswith("bootstrap_subsample_"), m
+  return used
+
+
 def test_evaluate_stage_reports_each_model_per_level_with_cis(small_world, tmp_path):
   import jax
 
@@ -192,6 +211,16 @@ def test_evaluate_stage_reports_each_model_per_level_with_cis(small_world, tmp_p
   with art.open("report.md") as f:
     md = f.read().decode()
   assert "| student_after |" in md and all(f"]({plot})" in md for plot in report["plots"])
+  # Every interval names its method; THINGS has the item and the object bootstrap (and Wald); the legend lists
+  # exactly the methods used, in report.json and report.md.
+  used = _assert_every_interval_labelled(report)
+  assert used == {"bootstrap_items_n", "bootstrap_objects", "wald", "bootstrap_images"}
+  assert set(report["bootstrap"]["methods"]) == used and report["bootstrap"]["protocol"] == "items_n"
+  assert set(report["things"]["intervals"]) == {"bootstrap_items_n", "bootstrap_objects", "wald"}
+  assert "bootstrap_objects" in comp["things"]["intervals"] and comp["levels/coarse"]["ci_method"] == \
+      "bootstrap_items_n"
+  assert "## Interval methods" in md and all(f"`{m}`" in md for m in used)
+  assert "95% CI, bootstrap_items_n" in md and "95% CI, bootstrap_objects" in md and "95% CI, wald" in md
 
   # Without a train artifact the fine-tuned model is left out rather than failing.
   assert set(evaluate_stage.model_specs({**config, "train": ""})) == {"student_before"}
@@ -239,6 +268,11 @@ def test_real_things_embeddings_score_the_published_accuracy(shared_data, tmp_pa
   assert acc == pytest.approx(expected, abs=0.0005) and report["things"]["n"] == 50000
   assert report["things"]["ci"][0] < acc < report["things"]["ci"][1]
   assert (tmp_path / "R" / "report.md").exists()
+  # 50,000 triplets over 1,854 objects: the whole-n item interval is the narrow one, the object interval wider.
+  iv = report["things"]["intervals"]
+  width = {m: hi - lo for m, (lo, hi) in iv.items()}
+  assert report["things"]["ci_method"] == "bootstrap_items_n" and width["bootstrap_items_n"] < 0.012
+  assert width["bootstrap_objects"] > width["bootstrap_items_n"]
 
 
 def test_cli_flags_build_the_config():
@@ -254,6 +288,13 @@ def test_cli_flags_build_the_config():
   assert config["things_triplets"] == "t.txt" and config["levels"] == "levels/"
   assert [r["kind"] for r in config["rsa"]] == ["rsm", "rdm"]
   assert config["probe"]["shots"] == [1, 10] and config["probe"]["split"] == "train"
+  assert evaluate_stage._bootstrap(config) == {"protocol": "items_n", "resamples": 1000, "size": None}
+  paper = evaluate_stage.config_from_args(cli.build_parser("evaluate").parse_args(
+      ["evaluate", "--out", "R", "--embeddings", "e.npy", "--bootstrap-protocol", "paper"]))
+  assert evaluate_stage._bootstrap(paper) == {"protocol": "paper", "resamples": 100, "size": 1000}
+  sized = evaluate_stage.config_from_args(cli.build_parser("evaluate").parse_args(
+      ["evaluate", "--out", "R", "--embeddings", "e.npy", "--bootstrap-size", "500", "--bootstrap-resamples", "50"]))
+  assert evaluate_stage._bootstrap(sized) == {"protocol": "paper", "resamples": 50, "size": 500}
   assert evaluate_stage.input_urls(config) == {
       "model_spose49": "data/spose49.npy", "model_teacher": "runs/demo/embed", "transform_teacher": "runs/demo/align",
       "things_triplets": "t.txt", "levels_0": "levels/", "rsa_likert_matrix": "m.npy", "rsa_likert_stimuli": "s.txt",
