@@ -144,5 +144,5 @@ def written_rows(writer: artifacts.ArtifactWriter, split: str, num_shards: int) 
     with writer.open(name, "rb") as f:
       meta = pq.ParquetFile(f).metadata
       rows += meta.num_rows
-      dim = meta.schema.to_arrow_schema().field("embedding").type.list_size
+      dim = embeddings.vector_dim(meta.schema.to_arrow_schema().field("embedding"))
   return rows, dim

@@ -1,5 +1,6 @@
 """The embeddings store: Parquet round trip, the id-range shard layout, byte-determinism, reader errors."""
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -50,8 +51,8 @@ def test_shard_layout_is_by_id_range(tmp_path):
     table = pq.read_table(art.local_path(name))
     ids = table.column("id").to_numpy()
     assert np.all((ids >= 8 * i) & (ids < 8 * (i + 1))) and np.all(np.diff(ids) > 0)
-    vtype = table.schema.field("embedding").type
-    assert (vtype.list_size, str(vtype.value_type)) == (5, "float")
+    field = table.schema.field("embedding")  # The vectors' little-endian float32 bytes, with their dtype and dim.
+    assert field.type.byte_width == 5 * 4 and field.metadata == {b"dtype": b"float32", b"dim": b"5"}
   assert art.manifest["row_counts"]["embeddings/pool"] == 21
 
 
@@ -127,3 +128,23 @@ def test_memory_mapped_matrix_equals_load_and_is_cached(tmp_path, dtype):
   assert (entry / "vectors.npy").stat().st_mtime_ns == stamp  # Unpacked once.
   with pytest.raises(KeyError, match="Split 'nope' is not in embeddings"):
     embeddings.load_matrix(art, "nope", cache_dir=cache)
+
+
+def test_shards_written_as_float_lists_still_load(tmp_path):
+  """Embed artifacts written before the vectors were stored as bytes (fixed_size_list<float>) load unchanged."""
+  ids, labels, names, vectors = _rows()
+
+  def fn(writer):
+    table = pa.table({"id": ids, "label": labels, "file_name": names.tolist(),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 5)})
+    with writer.open(embeddings.shard_name("pool", 0, 1), "wb") as f:
+      pq.write_table(table, f)
+    writer.set_rows(f"{embeddings.SHARD_DIR}/pool", len(ids))
+    embeddings.write_index(writer, {"pool": embeddings.index_entry(len(ids), len(ids), 5, "float32", len(ids), "")})
+    return {}
+
+  art = artifacts.run_stage("embed", str(tmp_path / "old"), {}, {}, fn, log=lambda s: None)
+  e = embeddings.load(art.url, "pool")
+  np.testing.assert_array_equal(e.vectors, vectors[np.argsort(ids)])
+  np.testing.assert_array_equal(embeddings.load_matrix(art.url, "pool", cache_dir=str(tmp_path / "c")).vectors,
+                                e.vectors)
