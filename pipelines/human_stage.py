@@ -5,12 +5,16 @@ Inputs: a demo world artifact (`world`, its THINGS-like `things_train`/`things_t
 original upload order). Every training triplet whose object set occurs in the test set is dropped first.
 Models: `vice` (default; the Bayesian model whose posterior predictive gives p*), `spose` (its non-Bayesian
 baseline, trained by the same loop), or a fixed `embedding` (e.g. the published SPoSE) with a fitted softmax
-temperature. Outputs: `vice.npz` (loc, scale: the pruned, sorted posterior; kept: their indices in the initial
-dimensions) or `embedding.npz` (the embedding and beta), `soft_labels.npz` (train/test triplets as stored and
-their p* in the pair order [s01, s02, s12]), `history.json` (per epoch) and the report (test accuracy and NLL of
-p* against the human choices, dimensions kept, epochs, seconds, the settings in effect).
+temperature. VICE trains `seeds` restarts until its convergence rule fires (BH-pruned dimensionality stable for `ws`
+epochs after `burnin`), prunes to the selected dimensions, refines them, and keeps the restart with the best
+validation NLL. Outputs: `vice.npz` (loc, scale: the kept restart's pruned, sorted posterior; kept: their indices in
+the initial dimensions) or `embedding.npz` (the embedding and beta), `soft_labels.npz` (train/test triplets as
+stored and their p* in the pair order [s01, s02, s12], from the kept restart), `history.json` (per restart, per
+epoch), `reliability.png` (calibration of p* on the test triplets) and the report: test accuracy and NLL of p*,
+convergence, dimensions kept, every restart's figures, test accuracy by number of leading dimensions, calibration
+(ECE, reliability bins, KL to the answer distribution of test triplets answered by several people), the settings.
 
-Real data (issue 3): `alignet human --train ../shared/data/things/triplets_127k_subjects.txt
+Real data (issues 3, 16): `alignet human --train ../shared/data/things/triplets_127k_subjects.txt
 --test ../shared/data/things/triplets_50k.txt --out DIR` (add `--model spose`, or `--embedding spose49.npy`).
 """
 from __future__ import annotations
@@ -46,29 +50,29 @@ MODELS = ("vice", "spose")
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         "vice": {"dims": 100, "epochs": 200, "batch_size": 128, "lr": 4e-3, "val_fraction": 0.05, "keep_best": False,
-                 "patience": 0, "eval_every": 10, "burnin": 40, "ws": 20, "lr_final": 0.1, "seeds": 2},
+                 "patience": 0, "eval_every": 10, "burnin": 40, "ws": 20, "lr_final": 0.1, "refine": 10, "seeds": 2},
         "spose": {"dims": 100, "epochs": 25, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.1, "keep_best": True,
-                  "patience": 0, "eval_every": 1, "burnin": 1000, "ws": 200, "lr_final": 1.0, "seeds": 1},
+                  "patience": 0, "eval_every": 1, "burnin": 1000, "ws": 200, "lr_final": 1.0, "refine": 0, "seeds": 1},
     },
     "files": {
         "vice": {"dims": 100, "epochs": 400, "batch_size": 1024, "lr": 8e-3, "val_fraction": 0.05,
                  "keep_best": False, "patience": 0, "eval_every": 10, "burnin": 50, "ws": 50, "lr_final": 0.1,
-                 "seeds": 3},
+                 "refine": 40, "seeds": 3},
         "spose": {"dims": 100, "epochs": 100, "batch_size": 1024, "lr": 8e-3, "val_fraction": 0.05,
                   "keep_best": True, "patience": 5, "eval_every": 1, "burnin": 1000, "ws": 200, "lr_final": 1.0,
-                  "seeds": 1},
+                  "refine": 0, "seeds": 1},
     },
     "full": {
         "vice": {"dims": 100, "epochs": 100, "batch_size": 1024, "lr": 8e-3, "val_fraction": 0.01,
                  "keep_best": False, "patience": 0, "eval_every": 2, "burnin": 3, "ws": 3, "lr_final": 0.1,
-                 "seeds": 3},
+                 "refine": 2, "seeds": 3},
         "spose": {"dims": 100, "epochs": 30, "batch_size": 1024, "lr": 8e-3, "val_fraction": 0.01,
                   "keep_best": True, "patience": 3, "eval_every": 1, "burnin": 1000, "ws": 200, "lr_final": 1.0,
-                  "seeds": 1},
+                  "refine": 0, "seeds": 1},
     },
 }
 _PROFILE_KEYS = ("dims", "epochs", "batch_size", "lr", "val_fraction", "keep_best", "patience", "eval_every",
-                 "burnin", "ws", "lr_final", "seeds")
+                 "burnin", "ws", "lr_final", "refine", "seeds")
 UPLOAD_ORDER_NAMES = ("train", "test", "embedding")
 
 
@@ -96,6 +100,7 @@ def default_config() -> dict[str, Any]:
       "burnin": None,         # No convergence check before this epoch.
       "ws": None,             # Converged when the pruned dimensionality is unchanged for ws epochs after burn-in.
       "lr_final": None,       # lr decays to lr * lr_final over the ws epochs after burn-in (1: constant).
+      "refine": None,         # Epochs training only the kept dimensions after convergence (vice.ViceConfig.refine).
       "seeds": None,          # Restarts (seeds seed, seed + 1, ...); the best validation NLL is kept.
       "mc_samples": 50,       # R: posterior samples averaged (as probabilities) into p*.
       "pi": 0.5,
@@ -128,6 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "for a world, files for triplet files; full: the complete 4.1M THINGS set).")
   parser.add_argument("--seeds", type=int, help="Restarts from consecutive seeds; the best validation NLL is kept.")
   parser.add_argument("--lr-final", type=float, help="lr decays to lr * this over the window after burn-in.")
+  parser.add_argument("--refine", type=int, help="Epochs on the kept dimensions after convergence and pruning.")
   parser.add_argument("--burnin", type=int, help="Epochs before the convergence check.")
   parser.add_argument("--ws", type=int, help="Window of stable dimensionality that counts as converged.")
   parser.add_argument("--prune", choices=vice.PRUNE_MODES, help="When to drop dimensions that fail the BH test.")
@@ -210,7 +216,8 @@ def _load_embedding(config: dict[str, Any], n_objects: int) -> np.ndarray:
 
 def _vice_config(config: dict[str, Any], run_settings: dict[str, Any]) -> vice.ViceConfig:
   keys = ("pi", "spike", "slab", "alpha", "k", "prune", "lmbda", "seed", "model")
-  fit_keys = ("dims", "epochs", "batch_size", "lr", "keep_best", "patience", "eval_every", "burnin", "ws", "lr_final")
+  fit_keys = ("dims", "epochs", "batch_size", "lr", "keep_best", "patience", "eval_every", "burnin", "ws", "lr_final",
+              "refine")
   return vice.ViceConfig(**{k: config[k] for k in keys}, **{k: run_settings[k] for k in fit_keys})
 
 

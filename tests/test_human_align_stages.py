@@ -97,13 +97,13 @@ def test_human_stage_on_triplet_files_drops_test_overlap(world_url, tmp_path):
   subjects = np.arange(len(train))[:, None] % 4
   train_url = _write_text(str(tmp_path / "train.txt"), np.concatenate([train, subjects], 1))
   test_url = _write_text(str(tmp_path / "test.txt"), world.things_test)
-  config = _human_config(train=train_url, test=test_url, epochs=3, val_fraction=0.1, keep_best=True)
+  config = _human_config(train=train_url, test=test_url, epochs=3, val_fraction=0.1, keep_best=True, seeds=1)
   art = _run(human_stage, str(tmp_path / "human_files"), config)
   report = art.report
   assert report["dropped_overlap"] == 7 and report["train_triplets"] == 1500
   assert report["n_objects"] == 30
   assert 100 < report["val_triplets"] < 200 and 0 < report["val_accuracy"] <= 1
-  assert 1 <= report["best_epoch"] <= 3 and len(art.read_json("history.json")) == 3
+  assert 1 <= report["best_epoch"] <= 3 and len(art.read_json("history.json")[0]["history"]) == 3
   with pytest.raises(ValueError, match="world"):
     human_stage.load_triplets(human_stage.default_config())
 
@@ -130,10 +130,24 @@ def test_align_stage_from_human_artifact(world_url, human_url, tmp_path):
   t = Transform.load(art)
   assert t.weights.shape == (32, 32) and t.std > 0
   assert art.exists("cv.png") and art.exists("cv.json")
-  # Hard labels from the same artifact also run; KL to p* is still reported.
-  config.update(loss="hard", target="scaled_identity", lambdas=[1e-2])
+  # Hard labels from the same artifact also run; KL to p* is still reported; --compare fits soft too.
+  config.update(loss="hard", target="scaled_identity", lambdas=[1e-2], compare=True)
   report = _run(align_stage, str(tmp_path / "align_hard"), config).report
   assert report["loss"] == "hard" and report["cv"] == [] and "kl_after" in report
+  cmp = report["comparison"]
+  assert set(cmp) == {"soft", "hard", "p_star"} and cmp["hard"]["kl"] == report["kl_after"]
+  assert cmp["soft"]["kl"] < cmp["hard"]["kl"] and cmp["p_star"]["kl"] == 0.0
+
+
+def test_label_temperature_sharpens_and_flattens():
+  p = np.array([[0.6, 0.3, 0.1], [1 / 3, 1 / 3, 1 / 3]], np.float32)
+  assert align_stage.sharpen(p, 1.0) is p
+  sharp, flat = align_stage.sharpen(p, 0.5), align_stage.sharpen(p, 2.0)
+  np.testing.assert_allclose(sharp[0], np.array([36, 9, 1]) / 46, rtol=1e-6)
+  np.testing.assert_allclose(sharp[1], p[1], rtol=1e-6)
+  assert flat[0, 0] < p[0, 0] and np.all(np.argmax(sharp, 1) == np.argmax(p, 1))
+  with pytest.raises(ValueError, match="label_temperature"):
+    align_stage.sharpen(p, 0.0)
 
 
 def test_align_stage_on_files_needs_hard_loss(world_url, tmp_path):

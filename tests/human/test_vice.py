@@ -164,3 +164,32 @@ def test_patience_stops_and_keep_best_returns_the_best_epoch():
   assert res.best_epoch == 1 + int(np.argmin(val_nll))
   p = vice.posterior_predictive(res.loc, res.scale, val, 1)
   assert abs(triplet_math.human_pair_nll(p) - min(val_nll)) < 1e-4
+
+
+def test_lr_is_annealed_over_the_first_window_after_burn_in():
+  lr = vice.learning_rate(1e-2, 0.1, burnin=2, ws=2, steps_per_epoch=10)
+  got = [float(lr(jnp.asarray(c))) for c in (0, 20, 30, 40, 90)]
+  np.testing.assert_allclose(got, [1e-2, 1e-2, 1e-2 * 0.1 ** 0.5, 1e-3, 1e-3], rtol=1e-5)
+  assert vice.learning_rate(1e-2, 1.0, 2, 2, 10) == 1e-2  # lr_final 1: VICE's constant step.
+  with pytest.raises(ValueError, match="lr_final"):
+    vice.fit(np.array([[0, 1, 2]]), 3, vice.ViceConfig(lr_final=0.0))
+
+
+def test_refine_after_pruning_and_restarts_kept_by_validation_nll():
+  triplets, _ = _planted()
+  train, val = triplets[:3200], triplets[3200:]
+  cfg = vice.ViceConfig(dims=10, epochs=30, lr=1e-2, burnin=2, ws=2, lr_final=0.3, refine=3, eval_every=5)
+  seen = []
+  best, runs = vice.fit_restarts(train, 30, cfg, 2, seen.append, val)
+  assert [r.seed for r in runs] == [0, 1] and best.val_nll == min(r.val_nll for r in runs)
+  for r in runs:
+    refined = [h for h in r.history if h.get("refine")]
+    assert r.converged and len(refined) == 3 and r.epochs == refined[-1]["epoch"] < 30 + 3
+    assert r.loc.shape == (30, len(r.kept)) and len(r.kept) < 10  # Pruned to the BH-selected dimensions ...
+    assert len(set(r.kept.tolist())) == len(r.kept) and r.dims_significant <= len(r.kept)
+    assert refined[0]["dims"] <= len(r.kept)  # ... and only those are trained further.
+  assert {h["restart"] for h in seen} == {0, 1}
+  summary = best.summary()
+  assert summary["dims_kept"] == best.loc.shape[1] and summary["converged"] and summary["seconds"] > 0
+  with pytest.raises(ValueError, match="validation"):
+    vice.fit_restarts(train, 30, cfg, 2)
