@@ -107,11 +107,15 @@ def label_block(vectors: np.ndarray, positions: np.ndarray, raw_vectors: np.ndar
       "sampled_odd_kept": ordered[:, 2] == positions[:, 2],
   }
   if raw_vectors is not None:
-    raw_odd = triplet_math.odd_one_out(rowwise_similarities(raw_vectors, positions, threads=threads))
-    raw_odd_item = np.where(raw_odd >= 0, np.take_along_axis(positions, np.maximum(raw_odd, 0)[:, None], 1)[:, 0],
-                            -1)
-    out["odd_changed"] = raw_odd_item != ordered[:, 2]
+    out["odd_changed"] = odd_items(raw_vectors, positions, threads) != ordered[:, 2]
   return out
+
+
+def odd_items(vectors: np.ndarray, positions: np.ndarray, threads: int = 1) -> np.ndarray:
+  """The row position of each triplet's odd one out under `vectors` (-1 for a tie, which never matches)."""
+  positions = np.asarray(positions, dtype=np.int64)
+  odd = triplet_math.odd_one_out(rowwise_similarities(vectors, positions, threads=threads))
+  return np.where(odd >= 0, np.take_along_axis(positions, np.maximum(odd, 0)[:, None], 1)[:, 0], -1)
 
 
 def check_labels(similarities: np.ndarray, soft_label: np.ndarray, entropy: np.ndarray, atol: float = 1e-5) -> None:

@@ -15,13 +15,15 @@ from alignet_data.dataset import clustering, labelling, sampling, shards, triple
 from alignet_data.teacher import embeddings, image_sources
 from alignet_data.teacher.transform import Transform
 
+ODD_CHANGED_SAMPLE = 1 << 16  # Rows per set, evenly spaced, on which the raw teacher's odd one out is compared.
+
 
 @dataclasses.dataclass
 class TripletInputs:
   """Everything a worker needs to make blocks: loaded once per process from the config's URLs."""
-  emb: embeddings.Embeddings
+  emb: embeddings.Embeddings     # Ids, labels and file names (vectors dropped: see `vectors`).
   vectors: np.ndarray            # (n, d) teacher vectors the labels come from (transformed or raw).
-  raw_vectors: np.ndarray | None  # (n, d0) raw vectors when a transform is applied, for the changed-odd count.
+  raw_odd: dict[str, tuple[int, np.ndarray]] | None  # Per set: (row stride, the raw teacher's odd item per sample).
   clusters: np.ndarray | None    # (n,) cluster per row.
   k: int | None
   samplers: dict[str, sampling.TripletSampler]
@@ -32,10 +34,6 @@ class TripletInputs:
     if len(emb) < 3:
       raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} has {len(emb)} rows; "
                        "triplets need at least 3.")
-    raw = emb.vectors  # NaN/inf refused by the readers (embeddings, transform) and by transform_rows.
-    what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config.get('transform')}"
-    vectors = clustering.transform_rows(Transform.load(config["transform"]), raw, what=what) \
-        if config.get("transform") else raw
     clusters = k = None
     if config.get("clusters"):
       cl = clustering.load(config["clusters"])
@@ -55,7 +53,30 @@ class TripletInputs:
                            "class-based --valid-strategies).")
         groups = emb.labels
       samplers[name] = sampling.TripletSampler(name, len(emb), groups, seed=config["seed"])
-    return cls(emb, vectors, raw if config.get("transform") else None, clusters, k, samplers)
+    vectors, raw_odd = emb.vectors, None  # NaN/inf refused by the readers (embeddings, transform), transform_rows.
+    if config.get("transform"):
+      raw_odd = _raw_odd_sample(config, k, samplers, vectors)
+      what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config['transform']}"
+      vectors = clustering.transform_rows(Transform.load(config["transform"]), vectors, what=what, in_place=True)
+    return cls(dataclasses.replace(emb, vectors=emb.vectors[:0]), vectors, raw_odd, clusters, k, samplers)
+
+
+def _raw_odd_sample(config: dict[str, Any], k: int | None, samplers: dict[str, sampling.TripletSampler],
+                    raw: np.ndarray) -> dict[str, tuple[int, np.ndarray]]:
+  """How often the transform changes the odd one out (the paper's AligNet vs UnAligNet) is estimated on up to
+  `ODD_CHANGED_SAMPLE` evenly spaced rows of each set, computed here from the raw vectors before the transform
+  overwrites them: keeping the raw matrix for every triplet doubled the stage's memory (11.9 GB at ImageNet
+  scale) and its labelling work. Every row is compared when a set has no more rows than the sample."""
+  out = {}
+  for key, split in triplet_plan.splits(config, k).items():
+    stride = -(-split.num // ODD_CHANGED_SAMPLE)
+    rows = np.arange(0, split.num, stride, dtype=np.int64)
+    positions = np.zeros((len(rows), 3), np.int64)
+    for name, lo, hi in triplet_plan.strategy_ranges(split):
+      sel = (rows >= lo) & (rows < hi)
+      positions[sel] = samplers[name].sample(rows[sel] + split.id_base)
+    out[key] = (stride, labelling.odd_items(raw, positions))
+  return out
 
 
 def warm_up() -> None:
@@ -78,13 +99,18 @@ def make_block(inputs: TripletInputs, split: triplet_plan.SplitPlan, strategy: s
   if timer is not None:
     timer["label_seconds"] = timer.get("label_seconds", 0.0) + time.perf_counter() - tic
     timer["label_cpu_seconds"] = timer.get("label_cpu_seconds", 0.0) + cpu[0]
-  labelled = labelling.label_block(inputs.vectors, positions, inputs.raw_vectors, similarities=sims, threads=threads)
+  labelled = labelling.label_block(inputs.vectors, positions, similarities=sims, threads=threads)
   labelling.check_labels(labelled["similarities"], labelled["soft_label"], labelled["entropy"])
   columns = labelling.to_records(labelled, ids, strategy, inputs.emb.ids, inputs.emb.file_names,
                                  inputs.emb.labels, inputs.clusters)
   columns["_sampled_odd_kept"] = labelled["sampled_odd_kept"]
-  if "odd_changed" in labelled:
-    columns["_odd_changed"] = labelled["odd_changed"]
+  if inputs.raw_odd is not None:  # 1: the transform changed the odd one out, 0: it did not, -1: not in the sample.
+    stride, raw_odd = inputs.raw_odd[split.key]
+    rows = np.arange(start, stop, dtype=np.int64)
+    sampled = rows % stride == 0
+    changed = np.full(len(rows), -1, np.int8)
+    changed[sampled] = raw_odd[rows[sampled] // stride] != labelled["positions"][sampled, 2]
+    columns["_odd_changed"] = changed
   return columns
 
 
@@ -98,8 +124,8 @@ def make_shard(inputs: TripletInputs, config: dict[str, Any], split: triplet_pla
     out = shards.empty()
     out["file_names"] = out["file_names"].astype(inputs.emb.file_names.dtype)
     out["_sampled_odd_kept"] = np.zeros(0, bool)
-    if inputs.raw_vectors is not None:
-      out["_odd_changed"] = np.zeros(0, bool)
+    if inputs.raw_odd is not None:
+      out["_odd_changed"] = np.zeros(0, np.int8)
     return out
   return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
@@ -140,7 +166,8 @@ def shard_stats(columns: shards.Columns, bins: int) -> dict[str, Any]:
       "strategies": {str(s): int(c) for s, c in zip(strategies, counts, strict=True)},
       "entropy_sum": float(columns["entropy"].astype(np.float64).sum()),
       "entropy_hist": hist.tolist(),
-      "odd_changed": int(columns["_odd_changed"].sum()) if "_odd_changed" in columns else None,
+      "odd_changed": int((columns["_odd_changed"] == 1).sum()) if "_odd_changed" in columns else None,
+      "odd_compared": int((columns["_odd_changed"] >= 0).sum()) if "_odd_changed" in columns else None,
       "boundary_rows": int(boundary.sum()),
       "boundary_odd_kept": int(columns["_sampled_odd_kept"][boundary].sum()),
   }
@@ -178,7 +205,8 @@ def report(config: dict[str, Any], stats: dict[str, list[dict[str, Any]]], input
   hist = np.sum([s["entropy_hist"] for s in all_stats], axis=0).astype(int)
   _, edges = labelling.entropy_histogram(np.zeros(0), int(config["entropy_bins"]))
   boundary = sum(s["boundary_rows"] for s in all_stats)
-  changed = None if inputs.raw_vectors is None else sum(s["odd_changed"] for s in all_stats) / max(rows, 1)
+  compared = None if inputs.raw_odd is None else sum(s["odd_compared"] for s in all_stats)
+  changed = None if inputs.raw_odd is None else sum(s["odd_changed"] for s in all_stats) / max(compared, 1)
   return {
       "triplets": sum(s["rows"] for split, items in stats.items() if split.startswith("train_") for s in items),
       "triplets_total": rows,
@@ -192,12 +220,13 @@ def report(config: dict[str, Any], stats: dict[str, list[dict[str, Any]]], input
           "max": labelling.MAX_ENTROPY,
           "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": hist.tolist()},
       },
-      "odd_one_out_changed": changed,
+      "odd_one_out_changed": changed,  # Over `odd_one_out_compared` evenly spaced rows (every row of a small set).
+      "odd_one_out_compared": compared,
       "boundary_odd_kept": (sum(s["boundary_odd_kept"] for s in all_stats) / boundary) if boundary else None,
       "shards": {split: len(items) for split, items in stats.items()},
       "formats": list(config["formats"]),
       "npz": npz,
-      "transformed": inputs.raw_vectors is not None,
+      "transformed": inputs.raw_odd is not None,
       "k": inputs.k,
       "groups": {name: s.describe() for name, s in sorted(inputs.samplers.items())},
       "images": len(inputs.emb),
