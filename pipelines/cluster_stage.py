@@ -35,8 +35,9 @@ def default_config() -> dict[str, Any]:
       "k_grid": [5, 10, 15, 20, 25, 30, 40, 50, 60, 80],
       "seed": 0,
       "niter": 20,
-      "nredo": 3,                # k-means restarts from fresh k-means++ seedings (the lowest inertia wins).
-      "max_points_per_centroid": None,  # None trains on every point; faiss's default is 256 (a sample).
+      "nredo": 1,                # k-means restarts from fresh k-means++ seedings (the lowest inertia wins).
+      "max_points_per_centroid": 256,  # Train on a seeded sample of this many points per centroid (faiss's
+                                 # default); 0 trains on every point. Every point is assigned either way.
       "plot": True,
   }
 
@@ -49,9 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--k-grid", help="Comma-separated candidate k for the elbow, e.g. 100,200,500,1000.")
   parser.add_argument("--seed", type=int, help="k-means seed.")
   parser.add_argument("--niter", type=int, help="k-means iterations.")
-  parser.add_argument("--nredo", type=int, help="k-means restarts; the best objective wins.")
+  parser.add_argument("--nredo", type=int, help="k-means restarts; the lowest inertia wins (default 1).")
   parser.add_argument("--max-points-per-centroid", type=int,
-                      help="Train on at most this many points per centroid (a seeded sample); default: all.")
+                      help="Train on a seeded sample of at most this many points per centroid (default 256, as "
+                           "faiss); 0 trains on every point. Every point is assigned.")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def input_urls(config: dict[str, Any]) -> dict[str, str]:
-  checks.require_min(config, STAGE, k=1, niter=1, nredo=1, max_points_per_centroid=1, seed=0)
+  checks.require_min(config, STAGE, k=1, niter=1, nredo=1, max_points_per_centroid=0, seed=0)
   for k in config["k_grid"] or []:
     checks.require_min({"k_grid": k}, STAGE, k_grid=2)
   urls = {"embeddings": _required(config, "embeddings")}
