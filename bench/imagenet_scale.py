@@ -1,22 +1,28 @@
-"""Cluster + triplets at ImageNet scale on synthetic embeddings, through the real CLI on DirectRunner.
+"""Cluster + triplets at ImageNet scale on synthetic embeddings: the README's two commands, with their defaults,
+each timed against its own floor measured in the same run on the same machine.
 
   python bench/imagenet_scale.py --out B.json                      # 1,281,167 x 1152, c = 500, 10^7 triplets
   python bench/imagenet_scale.py --n 100000 --d 64 --k 50 --num 100000 --out small.json   # the tests' size
 
-Steps, each a child process whose wall time and peak resident memory (``wait4``'s ru_maxrss) are measured:
+Steps, each a child process whose wall time, CPU time and peak resident memory (``wait4``) are measured:
   setup     synthetic embeddings with planted cluster structure (n x d, `--classes` Gaussian classes, stored as
-            an embed artifact) and an affine transform (.npz, as an align artifact stores it)
-  verify_inputs  the embed artifact's sha256 against its manifest, as each stage does before use (its
-            ``fraction_of_stage``: that time over the cluster and triplets stages' wall time; they include it)
-  cluster   `alignet cluster --embeddings E --transform T --k K --max-points-per-centroid 256 --nredo 1`
-  triplets  `alignet triplets ... --strategy cluster_boundary --num NUM --format tfrecord,parquet,npz`
-The triplets report holds the labelling kernel's own time and the sequential read bandwidth of the same process
-(`np.sum` over the embedding matrix); ``labelling_floor_fraction`` = (3 rows x d x 4 bytes per triplet at that
-bandwidth) / labelling wall time: 1.0 would label as fast as one core streams the matrix, once per 3 rows. The
-kernel runs on `--label-threads` threads (default all CPUs); ``labelling_floor_fraction_cpu`` divides by its CPU
-seconds summed over threads instead: the per-core figure (`--label-threads 1` makes the two agree).
+            an embed artifact) and an affine transform (.npz, as an align artifact stores it); not a stage
+  cluster   `alignet cluster --embeddings E --transform T --k K --out C`   (the README's command, no other flag)
+  triplets  `alignet triplets --embeddings E --transform T --clusters C --strategy cluster_boundary --num NUM
+             --valid-strategies class_boundary,within_class,between_class --num-valid V --num-shards S
+             --format tfrecord,parquet,npz --out X`                       (the README's command)
 
-Targets (2 cores, 24 GiB): whole run < 15 min, peak < 20 GiB, labelling >= 40% of the floor.
+Floors, measured in this process between the steps (`floors` in the JSON, with the rates behind them):
+  cluster   the FLOPs of the k-means iterations (niter x 2 x sample x k x d; sample = 256 k points, the stage's
+            default) and of the full assignment (2 x n x k x d), at the sgemm rate of numpy's BLAS on the same
+            shapes (65,536-row blocks x d @ d x k) with every core
+  triplets  reading the embed artifact (its bytes at the sequential read rate of those very files), labelling
+            (3 rows x d x 4 bytes per triplet at the memory bandwidth of all the cores the kernel uses, measured
+            with that thread count) and writing the output bytes (at a measured sequential write rate)
+``floor_fraction`` = floor / wall time, also under ``floor_fraction_<T>threads`` (T: the cores the floors
+assume). ``total_seconds`` is cluster + triplets wall time, the README commands' own time.
+
+Targets (2 cores): total < 90 s, peak RSS < 8 GiB, every stage >= 50% of its floor.
 """
 from __future__ import annotations
 
@@ -34,7 +40,10 @@ from typing import Any
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGETS = {"total_seconds": 15 * 60, "peak_rss_gb": 20.0, "labelling_floor_fraction": 0.4}
+TARGETS = {"total_seconds": 90.0, "peak_rss_gb": 8.0, "floor_fraction": 0.5}
+SAMPLE_PER_CENTROID = 256  # The cluster stage's default --max-points-per-centroid.
+NITER = 20                 # Its default --niter.
+VALID_STRATEGIES = "class_boundary,within_class,between_class"
 
 
 def make_inputs(out: str, n: int, d: int, classes: int, seed: int, ids_per_shard: int) -> None:
@@ -74,7 +83,7 @@ def make_inputs(out: str, n: int, d: int, classes: int, seed: int, ids_per_shard
 
 
 def timed(name: str, argv: Sequence[str], log) -> dict[str, Any]:
-  """Run a child process; its wall seconds and peak RSS (GiB)."""
+  """Run a child process; its command, wall seconds, CPU seconds (user + system) and peak RSS (GiB)."""
   log(f"[bench] {name}: {' '.join(argv)}")
   tic = time.perf_counter()
   proc = subprocess.Popen(list(argv), cwd=ROOT)
@@ -86,7 +95,69 @@ def timed(name: str, argv: Sequence[str], log) -> dict[str, Any]:
   result = {"seconds": round(seconds, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2)}
   log(f"[bench] {name}: {result}")
+  result["command"] = [os.path.basename(a) if i == 0 else a for i, a in enumerate(argv)]
   return result
+
+
+def sgemm_rate(rows: int, d: int, cols: int, repeats: int = 3) -> float:
+  """FLOP/s of numpy's BLAS on (rows x d) @ (d x cols) float32, every core (the best of a few)."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((rows, d), dtype=np.float32)
+  b = rng.standard_normal((d, cols), dtype=np.float32)
+  a @ b  # Warm-up: threads started, pages touched.
+  best = np.inf
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - tic)
+  return 2.0 * rows * d * cols / best
+
+
+def read_rate(paths: Sequence[str]) -> float:
+  """Bytes/s reading these files sequentially in 64 MiB chunks (the second pass: as warm as the stages find them)."""
+  total, best = sum(os.path.getsize(p) for p in paths), np.inf
+  buf = bytearray(64 << 20)
+  for _ in range(2):
+    tic = time.perf_counter()
+    for p in paths:
+      with open(p, "rb", buffering=0) as f:
+        while f.readinto(buf):
+          pass
+    best = min(best, time.perf_counter() - tic)
+  return total / best
+
+
+def write_rate(folder: str, nbytes: int = 1 << 30) -> float:
+  """Bytes/s writing `nbytes` to a new file in `folder` in 64 MiB chunks, then closed (as the stages write)."""
+  chunk = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+  path = os.path.join(folder, "write-rate.bin")
+  tic = time.perf_counter()
+  with open(path, "wb") as f:
+    for _ in range(max(nbytes // len(chunk), 1)):
+      f.write(chunk)
+  seconds = time.perf_counter() - tic
+  os.remove(path)
+  return max(nbytes // len(chunk), 1) * len(chunk) / seconds
+
+
+def memory_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
+  """Bytes/s streaming a matrix larger than any cache with `threads` threads (the labelling kernel's count)."""
+  sys.path.insert(0, ROOT)
+  from alignet_data.dataset import triplet_blocks
+  x = np.ones(nbytes // 4, np.float32)
+  return triplet_blocks.read_bandwidth(x, threads)[0]
+
+
+def measure_rates(work: str, n: int, d: int, k: int) -> dict[str, float]:
+  """The rates the floors assume, measured on this machine now (the `rates` step)."""
+  return {"sgemm_flops": sgemm_rate(min(n, 1 << 16), d, k),
+          "read_bytes_per_s": read_rate(files_under(os.path.join(work, "embed"))),
+          "write_bytes_per_s": write_rate(work),
+          "memory_bytes_per_s": memory_bandwidth(len(os.sched_getaffinity(0)))}
+
+
+def files_under(folder: str) -> list[str]:
+  return sorted(os.path.join(dp, fn) for dp, _, fns in os.walk(folder) for fn in fns)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -94,17 +165,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--out", required=True, help="Where to write the JSON figures.")
   parser.add_argument("--n", type=int, default=1_281_167, help="Images (ImageNet train: 1,281,167).")
   parser.add_argument("--d", type=int, default=1152, help="Embedding dimension (SigLIP so400m: 1152).")
-  parser.add_argument("--classes", type=int, default=1000, help="Planted Gaussian classes.")
+  parser.add_argument("--classes", type=int, default=1000, help="Planted Gaussian classes (the class labels).")
   parser.add_argument("--k", type=int, default=500, help="k-means clusters (the paper's c = 500).")
   parser.add_argument("--num", type=int, default=10_000_000, help="Cluster-boundary training triplets.")
-  parser.add_argument("--num-valid", type=int, default=10_000)
+  parser.add_argument("--num-valid", type=int, default=10_000, help="Triplets per validation set (3 sets).")
   parser.add_argument("--num-shards", type=int, default=100)
-  parser.add_argument("--formats", default="tfrecord,parquet,npz")
-  parser.add_argument("--workers", type=int, default=1,
-                      help="DirectRunner threads (--direct_num_workers); 1 leaves the cores to the kernel's threads.")
-  parser.add_argument("--label-threads", type=int, default=0,
-                      help="Labelling kernel threads (0 = all CPUs; 1 = the single-core figure).")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic inputs (the stages keep theirs).")
   parser.add_argument("--work", help="Working directory (default: a temporary one, removed at the end).")
   parser.add_argument("--keep", action="store_true", help="Keep the working directory.")
   args = parser.parse_args(argv)
@@ -116,70 +182,90 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   start = time.perf_counter()
   stages: dict[str, dict[str, Any]] = {}
   py = sys.executable
+  threads = len(os.sched_getaffinity(0))  # The cores the floors assume (the rates step measures with all of them).
+  emb, transform = os.path.join(work, "embed"), os.path.join(work, "transform.npz")
+  cluster_dir, triplets_dir = os.path.join(work, "cluster"), os.path.join(work, "triplets")
   try:
     stages["setup"] = timed("setup", [py, os.path.abspath(__file__), "--setup-only", work, str(args.n), str(args.d),
                                       str(args.classes), str(args.seed)], log)
-    emb, transform = os.path.join(work, "embed"), os.path.join(work, "transform.npz")
-    # What every stage now pays before reading its inputs: the embed artifact's sha256 against its manifest.
-    stages["verify_inputs"] = timed("verify_inputs", [py, "-c", "import sys; from alignet_data import artifacts; "
-                                                      "artifacts.load(sys.argv[1]).verify()", emb], log)
+    # In a child too: a fork of this process would count its memory in the stages' peak RSS.
+    rates_file = os.path.join(work, "rates.json")
+    stages["rates"] = timed("rates", [py, os.path.abspath(__file__), "--rates-only", work, str(args.n), str(args.d),
+                                      str(args.k), rates_file], log)
+    with open(rates_file) as f:
+      rates = json.load(f)
+    log(f"[bench] rates: {rates}")
     cli = [py, "-m", "pipelines.cli"]
     stages["cluster"] = timed("cluster", cli + [
-        "cluster", "--embeddings", emb, "--transform", transform, "--k", str(args.k), "--max-points-per-centroid",
-        "256", "--nredo", "1", "--seed", str(args.seed), "--out", os.path.join(work, "cluster")], log)
-    beam = [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_threading"] if args.workers > 1 \
-        else []
+        "cluster", "--embeddings", emb, "--transform", transform, "--k", str(args.k), "--out", cluster_dir], log)
     stages["triplets"] = timed("triplets", cli + [
-        "triplets", "--embeddings", emb, "--transform", transform, "--clusters", os.path.join(work, "cluster"),
-        "--strategy", "cluster_boundary", "--num", str(args.num), "--num-valid", str(args.num_valid),
-        "--num-shards", str(args.num_shards), "--seed", str(args.seed), "--format", args.formats,
-        "--label-threads", str(args.label_threads), "--out", os.path.join(work, "triplets"), *beam], log)
-    with open(os.path.join(work, "cluster", "report.json")) as f:
+        "triplets", "--embeddings", emb, "--transform", transform, "--clusters", cluster_dir,
+        "--strategy", "cluster_boundary", "--num", str(args.num), "--valid-strategies", VALID_STRATEGIES,
+        "--num-valid", str(args.num_valid), "--num-shards", str(args.num_shards),
+        "--format", "tfrecord,parquet,npz", "--out", triplets_dir], log)
+    with open(os.path.join(cluster_dir, "report.json")) as f:
       cluster_report = json.load(f)
-    with open(os.path.join(work, "triplets", "report.json")) as f:
+    with open(os.path.join(triplets_dir, "report.json")) as f:
       report = json.load(f)
-    out_bytes = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(os.path.join(work, "triplets"))
-                    for fn in fns)
+    emb_bytes = sum(os.path.getsize(p) for p in files_under(emb))
+    out_bytes = sum(os.path.getsize(p) for p in files_under(triplets_dir))
   finally:
     if not (args.keep or args.work):
       shutil.rmtree(work, ignore_errors=True)
+
+  n, d, k = args.n, args.d, cluster_report["k"]
+  sample = min(n, SAMPLE_PER_CENTROID * k)
+  flops = {"kmeans_iterations": NITER * 2.0 * sample * k * d, "assignment": 2.0 * n * k * d}
+  floors = {"cluster": {"seconds": sum(flops.values()) / rates["sgemm_flops"], "flops": flops}}
+  triplets_total = report["triplets_total"]
+  parts = {"read_embeddings": emb_bytes / rates["read_bytes_per_s"],
+           "labelling": triplets_total * 3 * d * 4 / rates["memory_bytes_per_s"],
+           "write_output": out_bytes / rates["write_bytes_per_s"]}
+  floors["triplets"] = {"seconds": sum(parts.values()), "parts_seconds": {p: round(v, 3) for p, v in parts.items()},
+                        "bytes": {"read": emb_bytes, "labelling": triplets_total * 3 * d * 4, "write": out_bytes}}
+  for name in ("cluster", "triplets"):
+    floor = floors[name]["seconds"]
+    fraction = round(floor / stages[name]["seconds"], 4)
+    stages[name].update({"floor_seconds": round(floor, 3), "floor_fraction": fraction,
+                         f"floor_fraction_{threads}threads": fraction})
   timing = report["timing"]
-  stages["cluster"].update({"k": cluster_report["k"], "inertia": cluster_report["inertia"],
+  stages["cluster"].update({"k": k, "inertia": cluster_report["inertia"], "train_points": sample,
                             "cluster_size_min": cluster_report["cluster_size_min"],
                             "cluster_size_max": cluster_report["cluster_size_max"]})
   stages["triplets"].update({
-      "triplets": report["triplets_total"], "labelling_floor_fraction": timing["labelling_floor_fraction"],
-      "labelling_floor_fraction_cpu": timing["labelling_floor_fraction_cpu"], "label_threads": timing["label_threads"],
-      "label_seconds": timing["label_seconds"], "labelling_floor_seconds": timing["labelling_floor_seconds"],
-      "read_bandwidth_gbps": timing["read_bandwidth_gbps"],
-      "triplets_per_second_labelling": round(report["triplets_total"] / max(timing["label_seconds"], 1e-9)),
-      "timing": timing, "output_gb": round(out_bytes / 2**30, 3), "entropy_mean": report["entropy"]["mean"],
-      "odd_one_out_changed": report["odd_one_out_changed"], "boundary_odd_kept": report["boundary_odd_kept"]})
-  verify = stages["verify_inputs"]["seconds"]
-  stages["verify_inputs"]["fraction_of_stage"] = {s: round(verify / stages[s]["seconds"], 4)
-                                                  for s in ("cluster", "triplets")}
-  total = time.perf_counter() - start
-  peak = max(s["peak_rss_gb"] for s in stages.values())
+      "triplets": triplets_total, "output_gb": round(out_bytes / 2**30, 3), "timing": timing,
+      "entropy_mean": report["entropy"]["mean"], "odd_one_out_changed": report["odd_one_out_changed"],
+      "boundary_odd_kept": report["boundary_odd_kept"]})
+  total = stages["cluster"]["seconds"] + stages["triplets"]["seconds"]
+  peak = max(stages[s]["peak_rss_gb"] for s in ("cluster", "triplets"))
   result = {
       "config": vars(args) | {"transform": "synthetic near-identity affine", "storage_dtype": "float32",
-                              "runner": "DirectRunner"},
-      "machine": {"cpus": os.cpu_count(), "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") *
-                                                                 os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                              "runner": "DirectRunner", "cluster_flags": "--k only (README defaults)"},
+      "machine": {"cpus": os.cpu_count(), "threads": threads,
+                  "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                   "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+      "rates": {"sgemm_gflops": round(rates["sgemm_flops"] / 1e9, 1),
+                "read_gbps": round(rates["read_bytes_per_s"] / 1e9, 3),
+                "write_gbps": round(rates["write_bytes_per_s"] / 1e9, 3),
+                f"memory_gbps_{threads}threads": round(rates["memory_bytes_per_s"] / 1e9, 3),
+                "seconds": stages["rates"]["seconds"]},
+      "floors": floors,
       "stages": stages,
       "total_seconds": round(total, 1),
+      "run_seconds": round(time.perf_counter() - start, 1),
       "peak_rss_gb": peak,
-      "labelling_floor_fraction": timing["labelling_floor_fraction"],
       "targets": TARGETS,
       "targets_met": {"total_seconds": total < TARGETS["total_seconds"], "peak_rss_gb": peak < TARGETS["peak_rss_gb"],
-                      "labelling_floor_fraction":
-                          timing["labelling_floor_fraction"] >= TARGETS["labelling_floor_fraction"]},
+                      **{f"{s}_floor_fraction": stages[s]["floor_fraction"] >= TARGETS["floor_fraction"]
+                         for s in ("cluster", "triplets")}},
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
-  log(json.dumps({k: result[k] for k in ("total_seconds", "peak_rss_gb", "labelling_floor_fraction",
-                                         "targets_met")}))
+  log(json.dumps({"total_seconds": result["total_seconds"], "peak_rss_gb": peak,
+                  **{s: {k: stages[s][k] for k in ("seconds", "floor_seconds", "floor_fraction")}
+                     for s in ("cluster", "triplets")}, "targets_met": result["targets_met"]}))
+  print(f"wrote {args.out}", flush=True)
   return result
 
 
@@ -187,5 +273,9 @@ if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "--setup-only":
     out_dir, n, d, classes, seed = sys.argv[2:7]
     make_inputs(out_dir, int(n), int(d), int(classes), int(seed), ids_per_shard=1 << 17)
+  elif len(sys.argv) > 1 and sys.argv[1] == "--rates-only":
+    work_dir, n, d, k, path = sys.argv[2:7]
+    with open(path, "w") as f:
+      json.dump(measure_rates(work_dir, int(n), int(d), int(k)), f)
   else:
     main()

@@ -252,7 +252,7 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   ran = time.perf_counter()
   report = _finish(config, writer, inputs, plan)
   timing = report.pop("_timing")
-  bandwidth, bandwidth_cpu = triplet_blocks.read_bandwidth(inputs.vectors)
+  bandwidth, bandwidth_cpu = triplet_blocks.read_bandwidth(inputs.vectors, triplet_plan.label_threads(config))
   floor, floor_cpu = timing["label_bytes"] / bandwidth, timing["label_bytes"] / bandwidth_cpu
   report["timing"] = {
       "load_seconds": round(loaded - tic, 3), "pipeline_seconds": round(ran - loaded, 3),
@@ -260,8 +260,8 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
       "label_threads": triplet_plan.label_threads(config),
       "read_bandwidth_gbps": round(bandwidth / 1e9, 3), "labelling_floor_seconds": round(floor, 3),
       "labelling_floor_fraction": round(floor / max(timing["label_seconds"], 1e-9), 4),
-      # The same in CPU time (the kernel's, summed over its threads, vs np.sum's): the per-core figure, robust to
-      # the descheduling of a shared machine.
+      # The same in CPU time (the kernel's and np.sum's, each summed over the same threads): robust to the
+      # descheduling of a shared machine.
       "labelling_floor_fraction_cpu": round(floor_cpu / max(timing["label_cpu_seconds"], 1e-9), 4)}
   with _LOCK:
     _LOADED.clear()  # Free the matrices (12 GB at ImageNet scale) for the stages after this one in `alignet run`.

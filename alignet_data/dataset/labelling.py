@@ -30,7 +30,8 @@ def default_threads() -> int:
 
 
 @functools.cache
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+def pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """The process's labelling threads (one pool per count, kept: starting threads per block would cost more)."""
   return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="alignet-label")
 
 
@@ -69,7 +70,7 @@ def rowwise_similarities(vectors: np.ndarray, positions: np.ndarray, out: np.nda
     spent = _dots(vectors, positions, out)
   else:
     bounds = np.linspace(0, len(positions), threads + 1).astype(int)
-    futures = [_pool(threads).submit(_dots, vectors, positions[lo:hi], out[lo:hi])
+    futures = [pool(threads).submit(_dots, vectors, positions[lo:hi], out[lo:hi])
                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     spent = sum(f.result() for f in futures)
   if cpu_seconds is not None:
