@@ -4,7 +4,10 @@ Inputs: teacher features of the THINGS(-like) objects, in object order (an embed
 `things`, or an `.npy` (n_objects, p) matrix), and the human side: a `human` artifact (its triplets and soft labels
 p*) or triplet files (`train`, `test`; hard labels only). Outputs: `transform.npz` (weights, bias, mean, std:
 gLocal's layout), `cv.json` and `cv.png` (the lambda curve), and the report: held-out odd-one-out accuracy, NLL
-(and KL to p* when soft labels are given) before (raw features) and after the transform.
+(and KL to p* when soft labels are given) before (raw features) and after the transform. With soft labels,
+`compare` also fits the other loss with its own cross-validation and reports both (`comparison`: accuracy, NLL, KL to
+p*, lambda; and p* itself), and `label_temperature` fits to a sharpened or flattened p* (the KL stays to p*): the
+README's soft-vs-hard table and its experiment.
 """
 from __future__ import annotations
 

@@ -114,10 +114,11 @@ def plot_reliability(report: dict[str, Any], f: BinaryIO, title: str = "p* relia
 
   fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=100)
   ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-  for key, label, style in (("reliability", f"chosen pair (ECE {report['ece']:.3f})", "o-"),
-                            ("reliability_all_pairs", f"all pairs (ECE {report['ece_all_pairs']:.3f})", "s-")):
-    rows = report[key]
-    ax.plot([r["mean_probability"] for r in rows], [r["frequency"] for r in rows], style, ms=4, label=label)
+  for key, label, style, ms in (("reliability_all_pairs", f"all pairs (ECE {report['ece_all_pairs']:.3f})", "s-", 7),
+                                ("reliability", f"p*'s chosen pair (ECE {report['ece']:.3f})", "o-", 4)):
+    rows = report[key]  # All pairs first, larger: the chosen pair's curve lies on it at high probabilities.
+    ax.plot([r["mean_probability"] for r in rows], [r["frequency"] for r in rows], style, ms=ms, label=label,
+            alpha=0.8)
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
   ax.set_xlabel("p* of the pair")
