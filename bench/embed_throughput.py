@@ -12,7 +12,9 @@ Both paths embed the same images in the same fixed-size batches with the same ji
 Overhead ratio = loop images/s / beam images/s (1.0 = Beam costs nothing). The `array` source makes seeded
 random uint8 images at the model's resolution in the read step (no decode, no file I/O), so the ratio measures
 Beam's overhead, not JPEG decoding; `--files` adds a run over PNG files (decode + resize on the worker).
-On an accelerator it also prints model FLOP utilisation against `--peak-tflops`. One JSON line per result.
+Model FLOP utilisation: FLOPs per image from the jitted computation's cost analysis, over the device's dense peak
+for the parameters' dtype, looked up from its `device_kind` (bench/device_peaks.py; `--peak-tflops` overrides it;
+none on a CPU). One JSON line per result.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # device_peaks
 
 from alignet_data import artifacts, models  # noqa: E402
 from alignet_data.models import batching  # noqa: E402
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--images-per-range", type=int, default=1024)
   parser.add_argument("--files", action="store_true", help="Also run the pipeline over PNG files (decode+resize).")
   parser.add_argument("--multi-processing", action="store_true", help="Also run with 2 DirectRunner processes.")
-  parser.add_argument("--peak-tflops", type=float, default=0.0, help="Accelerator peak (bf16) for MFU.")
+  parser.add_argument("--peak-tflops", type=float, default=0.0,
+                      help="Device peak TFLOP/s for MFU (default: from the device kind, bench/device_peaks.py).")
   args = parser.parse_args(argv)
 
   load = _random_model if args.random_weights else models.load_model
@@ -160,13 +164,18 @@ def main(argv: list[str] | None = None) -> None:
       r["source"] = kind
       r["overhead_ratio"] = round(loop["images_per_s"] / r["images_per_s"], 2)
       results.append(r)
+  import device_peaks
   import jax
   flops = _flops_per_image(model)
+  kind = jax.devices()[0].device_kind
+  dtype = str(jax.tree_util.tree_leaves(model.params)[0].dtype)
+  peak = args.peak_tflops or device_peaks.peak_tflops(kind, dtype)
   for r in results:
-    r.update(model=args.model, batch_size=args.batch_size, backend=jax.default_backend(),
-             gflops_per_image=round(flops / 1e9, 3), load_avg_1m=round(os.getloadavg()[0], 2))
-    if args.peak_tflops:
-      r["mfu"] = round(r["images_per_s"] * flops / (args.peak_tflops * 1e12), 4)
+    r.update(model=args.model, batch_size=args.batch_size, backend=jax.default_backend(), device_kind=kind,
+             dtype=dtype, gflops_per_image=round(flops / 1e9, 3), peak_tflops=peak,
+             load_avg_1m=round(os.getloadavg()[0], 2))
+    if peak:
+      r["mfu"] = round(r["images_per_s"] * flops / (peak * 1e12), 4)
     print(json.dumps(r))
 
 

@@ -1,9 +1,12 @@
-"""Trainer throughput: train steps/s (and model FLOP utilisation where a peak is given) and the input pipeline's
-own images/s, for the tiny demo student on CPU by default, or any ViT config on an accelerator.
+"""Trainer throughput: train steps/s, model FLOP utilisation and the input pipeline's own images/s, for the tiny
+demo student on CPU by default, or any ViT config on an accelerator.
 
   .venv/bin/python bench/train_throughput.py                       # demo student, 64 triplets/step, CPU
-  python bench/train_throughput.py --model b/16 --batch 512 --compute-dtype bfloat16 --peak-tflops 989
-      # ViT-B/16 at 224 px, 512 triplets (1,536 images) per step, randomly initialised weights (speed only)
+  python bench/train_throughput.py --student siglip-b/16 --batch 512 --compute-dtype bfloat16
+      # the released student (MAP head) at 224 px, 512 triplets (1,536 images) per step, random weights (speed only)
+
+MFU = the step's FLOPs (the compiled step's cost analysis) per second over the devices' dense peak for the compute
+dtype, looked up from the device kind (bench/device_peaks.py; `--peak-tflops` overrides; none on a CPU).
 
 The train step is the trainer's own (`train.compiled_steps`: KL loss, clip -> Adam -> decay to init -> lr,
 data-parallel over all devices); inputs are fixed random batches already on device, so this measures the model.
@@ -23,23 +26,27 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # device_peaks
 
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="demo-student", help="demo-student, a model spec, or a config name "
+  parser.add_argument("--model", "--student", default="demo-student",
+                      help="demo-student, a model spec, or a config name "
                       "(e.g. b/16: random init)")
   parser.add_argument("--batch", type=int, default=64, help="triplets per step (3x images)")
   parser.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
   parser.add_argument("--compute-dtype", default="auto")
   parser.add_argument("--head-dim", type=int, default=-1)
   parser.add_argument("--peak-tflops", type=float, default=0.0,
-                      help="the device's peak (e.g. 989 for an H100/H200 in bf16) -> model FLOP utilisation")
+                      help="the device's peak TFLOP/s for model FLOP utilisation (default: from the device kind and "
+                           "the compute dtype, bench/device_peaks.py)")
   parser.add_argument("--source-size", type=int, default=0, help="stored image size (default: the model's)")
   parser.add_argument("--input-batches", type=int, default=20, help="batches timed per input configuration")
   parser.add_argument("--input-threads", default="0,2", help="comma-separated Grain thread counts to time")
   args = parser.parse_args(argv)
 
+  import device_peaks
   import jax
   import jax.numpy as jnp
 
@@ -114,8 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
   if flops:
     result["step_tflops"] = round(flops / 1e12, 4)
     result["achieved_tflops_per_s"] = round(flops / step_s / 1e12, 3)
-    if args.peak_tflops:
-      result["mfu"] = round(flops / step_s / 1e12 / (args.peak_tflops * mesh.devices.size), 4)
+    peak = args.peak_tflops or device_peaks.peak_tflops(result["device_kind"], dtype.name)
+    result["peak_tflops"] = peak
+    if peak:
+      result["mfu"] = round(flops / step_s / 1e12 / (peak * mesh.devices.size), 4)
   print(json.dumps(result, indent=2))
   return result
 
