@@ -49,8 +49,8 @@ MODELS = ("vice", "spose")
 # best one (its only regulariser besides L1); it has no convergence rule to speak of (burn-in beyond its epochs).
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
-        "vice": {"dims": 100, "epochs": 200, "batch_size": 128, "lr": 4e-3, "val_fraction": 0.05, "keep_best": False,
-                 "patience": 0, "eval_every": 10, "burnin": 40, "ws": 20, "lr_final": 0.1, "refine": 10, "seeds": 2},
+        "vice": {"dims": 100, "epochs": 200, "batch_size": 256, "lr": 8e-3, "val_fraction": 0.05, "keep_best": False,
+                 "patience": 0, "eval_every": 10, "burnin": 30, "ws": 15, "lr_final": 0.1, "refine": 10, "seeds": 2},
         "spose": {"dims": 100, "epochs": 25, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.1, "keep_best": True,
                   "patience": 0, "eval_every": 1, "burnin": 1000, "ws": 200, "lr_final": 1.0, "refine": 0, "seeds": 1},
     },
