@@ -7,7 +7,10 @@ dot products [s01, s02, s12]. Training minimises the negative ELBO per triplet: 
 `triplet_math` for the convention) plus the KL term log q(X) - log p(X), estimated from the same sample, summed over
 all objects and dimensions and scaled by 1 / N (N = training triplets), under a spike-and-slab Gaussian prior
 p = pi N(0, spike^2) + (1 - pi) N(0, slab^2). Dimensions are pruned by a Benjamini-Hochberg test of how many
-objects are reliably positive; training stops when that count is stable for `ws` epochs after `burnin`.
+objects are reliably positive; training stops when that count is stable for `ws` epochs after `burnin`. Short
+schedules (our data sizes, see `pipelines.human_stage.PROFILES`) anneal the step over the first window so the count
+settles (`lr_final`) and, once pruned, train the kept dimensions a little longer (`refine`); `fit_restarts` runs
+several seeds and keeps the best validation NLL, as VICE's authors select among seeds.
 
 The human soft labels p* are the posterior predictive: the MEAN OF PROBABILITIES over R samples (not the softmax
 of averaged logits), with sample r drawn from a key derived from (seed, r) over the whole embedding matrix, so a
