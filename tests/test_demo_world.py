@@ -81,3 +81,14 @@ def test_save_and_load_round_trip(world, tmp_path):
   np.testing.assert_array_equal(loaded.pool_images, world.pool_images)
   np.testing.assert_array_equal(loaded.pool_file_names, world.pool_file_names)
   assert loaded.n_basic == world.n_basic
+
+
+def test_default_participants_agree_at_every_level_and_are_slower_when_they_disagree():
+  """The demo's participants tell subordinates apart (the paper's Levels ceilings: 62% / 66% / 89%), so the
+  fine level measures something and its disagreement tracks response time, as at the other levels."""
+  from alignet_data.evaluation import metrics
+  world = demo_world.make_world(demo_world.WorldConfig())
+  human = metrics.levels_human(world.levels_choices, world.levels_level, world.levels_rt, n_resamples=10)
+  for level, floor in (("coarse", 0.6), ("fine", 0.5), ("boundary", 0.9)):
+    assert human[level]["noise_ceiling"]["value"] > floor, level
+    assert human[level]["entropy_rt_spearman"]["value"] > 0.3, level
