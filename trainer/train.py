@@ -28,8 +28,8 @@ from alignet_data.checks import InputError
 from alignet_data.models import batching
 from trainer import input_pipeline, losses, triplet_sources
 
-# Defaults are the demo's (tiny student, 2 CPU cores, ~1 minute): measured on the demo chain, 600 steps of 64
-# triplets raise the student's coarse Levels-like accuracy most. For real students use RELEASED on top.
+# Defaults suit the tiny demo student on 2 CPU cores (the demo preset asks for 900 steps of 64 triplets:
+# pipelines/presets.py). For real students use RELEASED on top.
 DEFAULTS: dict[str, Any] = {
     "shards": "",             # triplets artifact / published version URL (or a directory of released npz files)
     "format": "auto",         # auto | parquet | tfrecord | npz (auto: parquet, else tfrecord, else npz)
