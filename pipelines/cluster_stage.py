@@ -93,7 +93,9 @@ def load_features(config: dict[str, Any]) -> tuple[embeddings.Embeddings, np.nda
     return emb, emb.vectors
   what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config['transform']}"
   x = clustering.transform_rows(Transform.load(config["transform"]), emb.vectors, what=what, in_place=True)
-  return dataclasses.replace(emb, vectors=emb.vectors[:0]), x  # The raw vectors may now hold the transformed ones.
+  # No view of the raw matrix may stay (a slice keeps its whole buffer alive): when the transform could not run
+  # in place, this frees the raw matrix before k-means.
+  return dataclasses.replace(emb, vectors=np.empty((0, emb.dim), np.float32)), x
 
 
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:

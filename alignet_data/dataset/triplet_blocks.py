@@ -58,7 +58,9 @@ class TripletInputs:
       raw_odd = _raw_odd_sample(config, k, samplers, vectors)
       what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config['transform']}"
       vectors = clustering.transform_rows(Transform.load(config["transform"]), vectors, what=what, in_place=True)
-    return cls(dataclasses.replace(emb, vectors=emb.vectors[:0]), vectors, raw_odd, clusters, k, samplers)
+    # An empty array, not a slice of the raw matrix: a slice would keep a raw matrix the transform did not reuse.
+    return cls(dataclasses.replace(emb, vectors=np.empty((0, emb.dim), np.float32)), vectors, raw_odd, clusters, k,
+               samplers)
 
 
 def _raw_odd_sample(config: dict[str, Any], k: int | None, samplers: dict[str, sampling.TripletSampler],
