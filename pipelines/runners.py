@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DASK_RUNNER", "beam_args", "in_process_threads", "release", "runner"]
+__all__ = ["DASK_RUNNER", "beam_args", "release", "runner"]
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 _SHORTHANDS = {"dask": DASK_RUNNER, "daskrunner": DASK_RUNNER}
@@ -49,17 +49,6 @@ def beam_args(args: Sequence[str]) -> list[str]:
   out[at[1]] = f"--runner={name}" if at[0] == at[1] else name
   if name == DASK_RUNNER and not any(a.split("=", 1)[0] in _DASK_PARTITIONING for a in out):
     out.extend(_DASK_DEFAULTS)
-  return out
-
-
-def in_process_threads(args: Sequence[str], threads: int) -> list[str]:
-  """`args` plus `threads` DirectRunner worker threads in this process, unless a runner or a DirectRunner worker
-  option is given. For stages whose work units share one loaded input (the triplets' matrix) and mostly release
-  the GIL (compiled kernels, Arrow, zlib, file writes): one worker left the other cores idle while a shard was
-  encoded and written."""
-  out = list(args)
-  if threads > 1 and runner(out) is None and not any(a.startswith("--direct_") for a in out):
-    out += [f"--direct_num_workers={threads}", "--direct_running_mode=multi_threading"]
   return out
 
 
