@@ -30,7 +30,10 @@ _DESCRIPTION = (
 # and exit status 2. ALIGNET_DEBUG=1 shows the traceback of every error.
 _USER_ERRORS = (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile)
 _USER_ERROR_NAMES = r"\w*(?:Error|Exception)"  # A worker's exception, as Beam's multi-process runners relay it.
-_RELAYED = re.compile(rf"(?:^|\n)(?:[\w.]+\.)?({_USER_ERROR_NAMES}): (.+?)(?: \[while running '[^\n]*'\])?$")
+# The last exception line of a relayed text (the multi-threaded DirectRunner relays the worker's whole traceback,
+# whose last line is "RuntimeError: OSError: ... [while running 'X']"): the error that ended the worker.
+_RELAYED = re.compile(
+    rf"^(?:RuntimeError: )?(?:[\w.]+\.)?({_USER_ERROR_NAMES}): (.+?)(?: \[while running '[^\n]*'\])?$", re.M)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +131,8 @@ def _user_error(e: BaseException) -> str | None:
       return str(seen) or type(seen).__name__
     seen = seen.__cause__ or (seen.__context__ if isinstance(seen, RuntimeError) else None)
   if isinstance(e, RuntimeError):  # Beam relays a worker's exception as text: "OSError: ... [while running 'X']".
-    match = _RELAYED.search(str(e).strip())
+    lines = [m for m in _RELAYED.finditer(str(e).strip())]
+    match = lines[-1] if lines else None
     if match and match.group(1) in _relayable_names():
       return match.group(2)
   return None
