@@ -131,7 +131,7 @@ def _user_error(e: BaseException) -> str | None:
       return str(seen) or type(seen).__name__
     seen = seen.__cause__ or (seen.__context__ if isinstance(seen, RuntimeError) else None)
   if isinstance(e, RuntimeError):  # Beam relays a worker's exception as text: "OSError: ... [while running 'X']".
-    lines = [m for m in _RELAYED.finditer(str(e).strip())]
+    lines = list(_RELAYED.finditer(str(e).strip()))
     match = lines[-1] if lines else None
     if match and match.group(1) in _relayable_names():
       return match.group(2)

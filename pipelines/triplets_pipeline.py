@@ -36,7 +36,7 @@ import numpy as np
 
 from alignet_data import artifacts
 from alignet_data.checks import check_name
-from alignet_data.dataset import sampling, shards, triplet_blocks, triplet_plan
+from alignet_data.dataset import labelling, sampling, shards, triplet_blocks, triplet_plan
 from pipelines import runners, stages
 
 __all__ = ["STAGE", "default_config", "add_arguments", "config_from_args", "input_urls", "run", "SampleTriplets"]
@@ -242,13 +242,15 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
   from apache_beam.options.pipeline_options import PipelineOptions
   print(f"[{STAGE}] {sum(s.num for s in plan.values())} triplets in {len(triplet_plan.shard_specs(plan))} shards "
         f"of {', '.join(plan)} (Beam {' '.join(beam_args) or 'DirectRunner'})", flush=True)
-  p = beam.Pipeline(options=PipelineOptions(runners.beam_args(beam_args)))
+  p = beam.Pipeline(options=PipelineOptions(runners.in_process_threads(runners.beam_args(beam_args),
+                                                                       labelling.default_threads())))
   _ = p | "Triplets" >> SampleTriplets(config, writer.tmp_url, plan)
-  result = p.run()
-  try:
-    result.wait_until_finish()
-  finally:
-    runners.release(result)
+  with runners.worker_tracebacks_hidden():
+    result = p.run()
+    try:
+      result.wait_until_finish()
+    finally:
+      runners.release(result)
   ran = time.perf_counter()
   report = _finish(config, writer, inputs, plan)
   timing = report.pop("_timing")
