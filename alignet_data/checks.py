@@ -54,6 +54,9 @@ def require_finite(x: np.ndarray, what: str, block: int = _ROW_BLOCK) -> np.ndar
   if arr.dtype.kind not in "fc":
     return x
   rows = arr.reshape(1, -1) if arr.ndim == 0 else arr
+  with np.errstate(over="ignore", invalid="ignore"):
+    if np.isfinite(rows.sum()):  # One pass, no temporary: NaN and inf propagate (an overflow only falls through).
+      return x
   for start in range(0, len(rows), block):
     chunk = np.isfinite(rows[start:start + block])
     if not chunk.all():

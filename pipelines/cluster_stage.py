@@ -1,4 +1,4 @@
-"""Stage `cluster`: transform the teacher embeddings, k-means them (faiss), pick k by the elbow criterion.
+"""Stage `cluster`: k-means (faiss) of the transformed teacher embeddings, k picked by the elbow criterion.
 
   alignet cluster --embeddings E --transform T --out C            # elbow over k_grid
   alignet cluster --embeddings E --transform T --k 500 --out C    # fixed k (the paper's c = 500)
@@ -9,7 +9,6 @@ Writes ``clusters.npz`` (ids, cluster, centroids), ``elbow.json`` and ``elbow.pn
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,30 +78,21 @@ def _required(config: dict[str, Any], key: str) -> str:
   return config[key]
 
 
-def load_features(config: dict[str, Any]) -> tuple[embeddings.Embeddings, np.ndarray]:
-  """The split's embeddings and the features to cluster (transformed when a transform is given; then the
-  embeddings come back without vectors, as the transform reused their memory).
-
-  Both inputs are refused with a clear error if they hold NaN or inf (the readers check), as is a transform
-  that overflows them: faiss would otherwise fail with a RuntimeError deep inside k-means.
-  """
-  emb = embeddings.load(_required(config, "embeddings"), config["split"])
-  if len(emb) == 0:
-    raise ValueError(f"Embeddings {config['embeddings']} split {config['split']!r} is empty.")
-  if not config.get("transform"):
-    return emb, emb.vectors
-  what = f"Embeddings {config['embeddings']} split {config['split']!r} after transform {config['transform']}"
-  x = clustering.transform_rows(Transform.load(config["transform"]), emb.vectors, what=what, in_place=True)
-  # No view of the raw matrix may stay (a slice keeps its whole buffer alive): when the transform could not run
-  # in place, this frees the raw matrix before k-means.
-  return dataclasses.replace(emb, vectors=np.empty((0, emb.dim), np.float32)), x
-
-
 def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Sequence[str] = ()) -> dict[str, Any]:
-  emb, x = load_features(config)  # One matrix in memory: 5.9 GB for ImageNet at d = 1152.
-  result = clustering.cluster(x, emb.ids, k=config["k"], k_grid=config["k_grid"], seed=config["seed"],
+  """Streams the embeddings twice (the training samples, then every point's assignment): the matrix is never held
+  or transformed whole (`clustering.cluster`). NaN/inf in the inputs, or a transform that overflows them, is
+  refused with a clear error (the readers check; so do the transform and the assignment)."""
+  url, split = _required(config, "embeddings"), config["split"]
+  ids, dim = embeddings.read_ids(url, split)
+  if len(ids) == 0:
+    raise ValueError(f"Embeddings {url} split {split!r} is empty.")
+  transform = Transform.load(config["transform"]) if config.get("transform") else None
+  what = f"Embeddings {url} split {split!r}" + (f" after transform {config['transform']}" if transform else "")
+  result = clustering.cluster(None, ids, k=config["k"], k_grid=config["k_grid"], seed=config["seed"],
                               niter=config["niter"], nredo=config["nredo"],
-                              max_points_per_centroid=config["max_points_per_centroid"], progress=True)
+                              max_points_per_centroid=config["max_points_per_centroid"], transform=transform,
+                              blocks=lambda: clustering.prefetch(embeddings.iter_vectors(url, split)), dim=dim,
+                              what=what, progress=True)
   clustering.save(writer, result.clusters)
   elbow = {"k": result.k_grid, "inertia": result.inertias, "chosen": result.clusters.k,
            "chosen_by": result.chosen_by}
@@ -116,8 +106,8 @@ def run(config: dict[str, Any], writer: artifacts.ArtifactWriter, beam_args: Seq
       "chosen_by": result.chosen_by,
       "inertia": result.inertia,
       "elbow": {"k": result.k_grid, "inertia": result.inertias},
-      "points": len(emb),
-      "dim": int(x.shape[1]),
+      "points": len(ids),
+      "dim": int(result.clusters.centroids.shape[1]),
       "transformed": bool(config.get("transform")),
       "cluster_size_min": int(sizes.min()),
       "cluster_size_max": int(sizes.max()),

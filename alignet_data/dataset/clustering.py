@@ -4,7 +4,9 @@ The paper clusters the transformed ImageNet representations into c clusters (c =
 criterion) and samples triplets with two images from one cluster and one from another. Here: seeded faiss
 k-means with k-means++ seeding (trained on a seeded sample of 256 points per centroid by default, as faiss
 does; on every point when asked), every point assigned to its nearest centroid, inertia (sum of squared distances
-over ALL points) per candidate k, and the knee of the inertia curve as the elbow choice.
+over ALL points) per candidate k, and the knee of the inertia curve as the elbow choice. Only the training samples
+are transformed: the assignment works on the raw vectors (`assign_all`), so the stage streams the matrix and never
+holds it.
 
 Stored as ``clusters.npz``: ``ids`` (n,) int64 (the embedding ids), ``cluster`` (n,) int64, ``centroids``
 (k, d) float32.
@@ -15,7 +17,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +26,8 @@ from alignet_data import artifacts, checks, numeric_files
 
 FILE_NAME = "clusters.npz"
 _ASSIGN_BLOCK = 1 << 16
-SEED_POINTS = 1 << 16  # k-means++ seeds from at most this many of the training points (see `kmeans`).
+SEED_POINTS = 1 << 14  # k-means++ seeds from at most this many of the training points (see `kmeans`).
+_SCORE_ROWS = 4096  # Rows per BLAS call in `assign_all`: fixed, so the bits do not depend on threads.
 _TRANSFORM_ROWS = 1024  # Rows per BLAS call in `transform_rows`: fixed, so the bits do not depend on threads.
 _SMALL_WORK = 1 << 29  # n * k * d below this: one faiss thread (see `_faiss_threads`).
 
@@ -100,6 +104,13 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
   return centers
 
 
+def training_rows(n: int, k: int, max_points_per_centroid: int | None, rng: np.random.Generator) -> np.ndarray | None:
+  """Sorted rows of the seeded training sample for k clusters (None: all n), as faiss samples."""
+  if max_points_per_centroid and n > k * max_points_per_centroid:
+    return np.sort(rng.choice(n, k * max_points_per_centroid, replace=False))
+  return None
+
+
 def kmeans(x: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, nredo: int = 1,
            max_points_per_centroid: int | None = None, init: str = "kmeans++") -> np.ndarray:
   """Seeded faiss k-means; returns (k, d) float32 centroids.
@@ -107,21 +118,32 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, niter: int = 20, nredo: int 
   Trains on at most `max_points_per_centroid` * k points (a seeded sample, as faiss does: 256 per centroid is
   the stage's default; a centroid is then fitted to 256 points, plenty for a mean); None or 0 trains on all points.
   `init` "kmeans++" seeds from the training points (`kmeans_plus_plus`, on a seeded subsample of at most
-  `SEED_POINTS` of them: its greedy steps each read every point, and on 128,000 x 1152 with k = 500 seeding took
-  longer than 20 Lloyd iterations); "random" is faiss's own. `nredo` restarts from fresh seedings and keeps the
-  lowest objective.
+  `SEED_POINTS` of them: its k greedy steps each read every point, memory-bound: on 65,536 x 1152 with k = 500
+  seeding took 2-3x as long as 20 Lloyd iterations on 128,000 points; 16,384 points still give 32 per centroid);
+  "random" is faiss's own. `nredo` restarts from fresh seedings and keeps the lowest objective.
   """
-  import faiss
   x = np.ascontiguousarray(x, dtype=np.float32)
-  n, d = x.shape
+  n = len(x)
+  _check_k(k, n)
+  rng = np.random.default_rng([seed, k])
+  rows = training_rows(n, k, max_points_per_centroid, rng)
+  return fit_kmeans(x if rows is None else x[rows], k, rng, seed=seed, niter=niter, nredo=nredo, init=init)
+
+
+def _check_k(k: int, n: int) -> None:
   if not 1 <= k <= n:
     raise ValueError(f"k = {k} clusters needs 1 <= k <= number of points ({n}); pass a smaller --k.")
+
+
+def fit_kmeans(train: np.ndarray, k: int, rng: np.random.Generator, *, seed: int = 0, niter: int = 20,
+               nredo: int = 1, init: str = "kmeans++") -> np.ndarray:
+  """faiss k-means on exactly the rows `train` (already sampled; `rng` continues the sampling's stream)."""
+  import faiss
   if init not in ("kmeans++", "random"):
     raise ValueError(f"Unknown k-means init {init!r}; use 'kmeans++' or 'random'.")
-  rng = np.random.default_rng([seed, k])
-  train = x
-  if max_points_per_centroid and n > k * max_points_per_centroid:
-    train = x[np.sort(rng.choice(n, k * max_points_per_centroid, replace=False))]
+  train = np.ascontiguousarray(train, dtype=np.float32)
+  _check_k(k, len(train))
+  d = train.shape[1]
   best, best_obj = None, np.inf
   for redo in range(max(int(nredo), 1)):  # Restarts from fresh seedings; the lowest objective wins.
     km = faiss.Kmeans(d, int(k), niter=int(niter), seed=int(seed) + redo, verbose=False,
@@ -219,40 +241,211 @@ class ClusterResult:
   inertia: float          # Of the chosen k.
 
 
-def cluster(x: np.ndarray, ids: np.ndarray, *, k: int | None = None, k_grid: Sequence[int] = (),
+Blocks = Callable[[], Iterator[np.ndarray]]  # Each call: every row again, in order, as (m, d) float32 blocks.
+
+
+def array_blocks(x: np.ndarray, rows: int = 1 << 16) -> Blocks:
+  """An in-memory matrix as a `Blocks` source."""
+  return lambda: (x[s:s + rows] for s in range(0, len(x), rows))
+
+
+def prefetch(blocks: Iterator[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
+  """The same blocks, read ahead by a background thread (reading releases the GIL), so reading overlaps the
+  compute on the previous block; an error in the reader is raised here."""
+  import queue
+  import threading
+  q: queue.Queue = queue.Queue(depth)
+  done = object()
+  stop = threading.Event()
+
+  def read() -> None:
+    try:
+      for block in blocks:
+        while not stop.is_set():
+          try:
+            q.put(block, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      q.put(done)
+    except BaseException as e:  # Handed to the consumer, which re-raises it.
+      q.put(e)
+
+  thread = threading.Thread(target=read, daemon=True)
+  thread.start()
+  try:
+    while (item := q.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    thread.join()
+
+
+def _gather(blocks: Blocks, rows: np.ndarray, n: int, d: int) -> np.ndarray:
+  """The given sorted rows of a `Blocks` source, in one pass."""
+  out = np.empty((len(rows), d), np.float32)
+  start = 0
+  for block in blocks():
+    lo, hi = np.searchsorted(rows, [start, start + len(block)])
+    out[lo:hi] = block[rows[lo:hi] - start]
+    start += len(block)
+  if start != n:
+    raise ValueError(f"The features hold {start} rows, the ids {n}.")
+  return out
+
+
+def _affine(transform, d: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """(a, b) in float64 with `transform.apply(x)` == x @ a + b (mean and std folded in); None for no transform."""
+  if transform is None:
+    return None
+  if transform.in_dim != d:
+    raise ValueError(f"Features have dimension {d}, the transform expects {transform.in_dim}.")
+  a = np.asarray(transform.weights, np.float64) / float(transform.std)
+  return a, np.asarray(transform.bias, np.float64) - float(transform.mean) * a.sum(0)
+
+
+def _fixed_chunks(blocks: Iterator[np.ndarray], rows: int) -> Iterator[list[np.ndarray]]:
+  """Re-cut a stream of blocks into consecutive float32 chunks of exactly `rows` rows (the last may be shorter),
+  one list per block read: the chunks, hence the sums, do not depend on how the source is sharded. Only the rows
+  of a chunk that straddles two blocks are copied."""
+  pending = None
+  for block in blocks:
+    block = np.ascontiguousarray(block, np.float32)
+    out, s = [], 0
+    if pending is not None:
+      s = min(rows - len(pending), len(block))
+      pending = np.concatenate([pending, block[:s]])
+      if len(pending) == rows:
+        out.append(pending)
+        pending = None
+    while len(block) - s >= rows:
+      out.append(block[s:s + rows])
+      s += rows
+    if s < len(block):
+      pending = block[s:].copy()
+    yield out
+  if pending is not None:
+    yield [pending]
+
+
+def assign_all(blocks: Blocks, n: int, centroids: Sequence[np.ndarray], transform=None, *, threads: int | None = None,
+               what: str = "features", bar=None) -> tuple[list[np.ndarray], list[float]]:
+  """Nearest centroid of every row for each centroid set, and each set's inertia, in ONE pass over raw rows.
+
+  The centroids live in the transformed space x' = x a + b. As ||x' - c||^2 = ||x'||^2 + (||c||^2 - 2 b.c) - 2 x.(a c),
+  the nearest centroid needs x @ (a C^T): k columns per row instead of the transform's d, so the matrix is never
+  transformed (ImageNet: 1.5 TFLOP for c = 500 instead of 3.4 + 1.5). The inertia's sum of ||x'||^2 comes from the
+  Gram matrix X^T X (half the transform's FLOPs). Fixed `_SCORE_ROWS`-row BLAS calls, one thread each, on our own
+  pool: the bits do not depend on the thread count (see `transform_rows`).
+  """
+  import threadpoolctl
+  affine = _affine(transform, centroids[0].shape[1] if transform is None else transform.in_dim)
+  d = transform.in_dim if transform is not None else centroids[0].shape[1]
+  scores = []
+  for c in centroids:
+    c = np.asarray(c, np.float64)
+    a, b = affine if affine is not None else (None, np.zeros(c.shape[1]))
+    q = -2.0 * (c.T if a is None else a @ c.T)
+    scores.append((np.ascontiguousarray(q, np.float32), ((c * c).sum(1) - 2.0 * (c @ b)).astype(np.float32)))
+  labels = [np.empty(n, np.int64) for _ in centroids]
+  mins = [0.0] * len(centroids)
+  gram, colsum, sq = np.zeros((d, d)), np.zeros(d), 0.0
+
+  def part(xs: np.ndarray) -> tuple[list[np.ndarray], list[float], Any]:
+    out_l, out_m = [], []
+    for q, e in scores:
+      sc = xs @ q
+      sc += e
+      lab = np.argmin(sc, axis=1)
+      out_l.append(lab)
+      out_m.append(float(sc[np.arange(len(xs)), lab].sum(dtype=np.float64)))
+    norms = (xs.T @ xs, xs.sum(0, dtype=np.float64)) if affine is not None else np.einsum(
+        "nd,nd->", xs, xs, dtype=np.float64)
+    return out_l, out_m, norms
+
+  threads = threads or len(os.sched_getaffinity(0))
+  start = 0
+  with threadpoolctl.threadpool_limits(1, user_api="blas"), concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for parts in _fixed_chunks(blocks(), _SCORE_ROWS):
+      for xs, (out_l, out_m, norms) in zip(parts, pool.map(part, parts), strict=True):  # In order: same sums.
+        if start + len(xs) > n:
+          raise ValueError(f"The features hold more rows than the {n} ids.")
+        for g, (lab, m) in enumerate(zip(out_l, out_m, strict=True)):
+          labels[g][start:start + len(xs)] = lab
+          mins[g] += m
+        if affine is not None:
+          gram += norms[0]
+          colsum += norms[1]
+        else:
+          sq += norms
+        start += len(xs)
+      if bar is not None:
+        bar.set_postfix_str(f"assigning: {start:,} of {n:,} points")
+  if start != n:
+    raise ValueError(f"The features hold {start} rows, the ids {n}.")
+  if affine is not None:
+    a, b = affine
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+      sq = float(((gram @ a) * a).sum() + 2.0 * colsum @ (a @ b) + n * (b @ b))
+  inertias = [max(sq + m, 0.0) for m in mins]
+  if not np.all(np.isfinite(inertias)):
+    raise checks.InputError(f"{what}: the squared distances to the centroids overflow (non-finite inertia); the "
+                            "features or the transform hold values too large for float32.")
+  return labels, inertias
+
+
+def cluster(x: np.ndarray | None, ids: np.ndarray, *, k: int | None = None, k_grid: Sequence[int] = (),
             seed: int = 0, niter: int = 20, nredo: int = 1, max_points_per_centroid: int | None = None,
+            transform=None, blocks: Blocks | None = None, dim: int | None = None, what: str = "features",
             progress: bool = False) -> ClusterResult:
-  """Cluster x with a fixed k, or with the elbow choice over k_grid (k values >= n are dropped)."""
-  x = np.ascontiguousarray(x, dtype=np.float32)
-  n = len(x)
+  """Cluster the rows of x (transformed by `transform` when given), a fixed k or the elbow choice over k_grid.
+
+  `blocks` (with `dim`) replaces x: the rows, streamed (the stage reads them from the embeddings artifact block by
+  block, so the matrix is never held: ImageNet is 5.9 GB). The work is shared across the candidate k: one pass
+  gathers every k's seeded training sample, one transform of the sampled rows (not of every row), one k-means per
+  k, then one pass assigns every point for every k (`assign_all`). k values >= n are dropped from the grid.
+  """
+  n = len(ids)
+  if blocks is None:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    blocks, dim = array_blocks(x), x.shape[1]
   if k is None:
     grid = sorted({int(g) for g in k_grid if 2 <= int(g) < n})
     if not grid:
       raise ValueError(f"No usable k in k_grid {list(k_grid)} for {n} points (need 2 <= k < n); pass --k.")
   else:
+    _check_k(int(k), n)
     grid = []
-  fits: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+  candidates = grid or [int(k)]
   from tqdm import tqdm
 
-  def fit(g: int, bar: tqdm) -> None:
-    bar.set_postfix_str(f"k={g}: k-means")
-    c = kmeans(x, g, seed=seed, niter=niter, nredo=nredo, max_points_per_centroid=max_points_per_centroid)
-    bar.set_postfix_str(f"k={g}: assigning {n:,} points")
-    labels, d = assign(x, c)
-    fits[g] = (c, labels, float(d.astype(np.float64).sum()))
+  with tqdm(total=len(candidates) + 2, desc="k-means elbow" if grid else "k-means", disable=not progress) as bar:
+    rngs = {g: np.random.default_rng([seed, g]) for g in candidates}
+    rows = {g: training_rows(n, g, max_points_per_centroid, rngs[g]) for g in candidates}
+    union = (np.arange(n) if any(r is None for r in rows.values())
+             else np.unique(np.concatenate(list(rows.values()))))
+    bar.set_postfix_str(f"reading {len(union):,} sampled points")
+    train_all = _gather(blocks, union, n, dim)
+    if transform is not None:
+      train_all = transform_rows(transform, train_all, what=what, in_place=True)
     bar.update()
-
-  # The matrix is loaded and transformed once for every k tried; each k gets its own seeded sample.
-  with tqdm(total=len(grid) or 1, desc="k-means elbow" if grid else "k-means", disable=not progress) as bar:
-    for g in grid:
-      fit(g, bar)
-    chosen = int(k) if k is not None else elbow(grid, [fits[g][2] for g in grid])
-    if chosen not in fits:
-      bar.total += bool(grid)
-      fit(chosen, bar)
-  c, labels, inertia = fits[chosen]
-  return ClusterResult(Clusters(np.asarray(ids, np.int64), labels, c), grid, [fits[g][2] for g in grid],
-                       "fixed" if k is not None else "elbow", inertia)
+    centroids = []
+    for g in candidates:
+      bar.set_postfix_str(f"k={g}: k-means")
+      train = train_all if rows[g] is None else train_all[np.searchsorted(union, rows[g])]
+      centroids.append(fit_kmeans(train, g, rngs[g], seed=seed, niter=niter, nredo=nredo))
+      bar.update()
+    del train_all, train
+    labels, inertias = assign_all(blocks, n, centroids, transform, what=what, bar=bar)
+    bar.update()
+  chosen = int(k) if k is not None else elbow(grid, inertias)
+  i = candidates.index(chosen)
+  return ClusterResult(Clusters(np.asarray(ids, np.int64), labels[i], centroids[i]), grid,
+                       inertias if grid else [], "fixed" if k is not None else "elbow", inertias[i])
 
 
 def save(writer: artifacts.ArtifactWriter, clusters: Clusters, name: str = FILE_NAME) -> None:

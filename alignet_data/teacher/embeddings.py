@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,8 @@ STORAGE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 _SMALL_COLUMNS = ["id", "label", "file_name"]  # zstd + dictionary; the vectors' bytes are stored plain.
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _COMPRESSION = "zstd"
+_NONE = np.zeros(0, np.int64)
+READ_ROWS = 8192  # Rows per block when reading vectors (38 MB at d = 1152; see `iter_shard`).
 
 
 @dataclasses.dataclass
@@ -108,11 +110,12 @@ def vector_dim(field: pa.Field) -> int:
   return int(field.type.list_size)
 
 
-def _vectors(table: pa.Table) -> np.ndarray:
-  """The (n, dim) float32 vectors of a shard's table: a view of Arrow's buffer when stored as float32 in one
-  chunk (no `combine_chunks`, which copied the 605 MB of an ImageNet shard)."""
+def _vectors(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+  """The (n, dim) float32 vectors of a shard's table (or a batch of it): a view of Arrow's buffer when stored as
+  float32 in one chunk (no `combine_chunks`, which copied the 605 MB of an ImageNet shard)."""
   field = table.schema.field("embedding")
-  chunks = table.column("embedding").chunks
+  column = table.column("embedding")
+  chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
   if any(c.null_count for c in chunks):
     raise KeyError(f"{sum(c.null_count for c in chunks)} null embeddings")
   dim = vector_dim(field)
@@ -237,63 +240,112 @@ def read_shard(f: Any) -> Embeddings:
                     file_names=np.asarray(table.column("file_name").to_pylist(), dtype=str), vectors=vectors)
 
 
-def _read_checked(art: artifacts.Artifact, name: str) -> Embeddings:
-  """One shard of `art`, refused (InputError naming the file) if unreadable or if a vector holds NaN or inf.
+def iter_shard(art: artifacts.Artifact, name: str, rows: int = READ_ROWS, vectors_only: bool = False
+               ) -> Iterator[Embeddings]:
+  """One shard of `art` in blocks of at most `rows` rows, in id order; NaN/inf or an unreadable file is refused
+  with an InputError naming the file. A block's vectors are float32 and valid until the next block is read.
+  `vectors_only` leaves ids, labels and file names empty (decoding 1.28M file names cost seconds per pass).
 
-  Every reader of embeddings comes through here, so no stage sees a non-finite vector; checking a shard while it
-  is in cache costs one pass over memory already read, not a second pass over the whole matrix.
+  Why blocks: reading a whole ImageNet shard made Arrow allocate its 605 MB afresh for every shard, and touching
+  fresh memory is what loading cost on our 2-core VMs (measured: 1-3 s per GB of first-touched pages, against
+  0.6 s per GB to read and copy it); blocks reuse the same few MB. Each block is checked while in cache.
   """
   url = art.path(name)
   try:
     with art.open(name) as f:
-      part = read_shard(f)
+      pf = pq.ParquetFile(f)
+      small = pf.read(columns=[] if vectors_only else _SMALL_COLUMNS, use_threads=False)
+      start = 0
+      for batch in pf.iter_batches(batch_size=rows, columns=["embedding"], use_threads=False):
+        m = batch.num_rows
+        vectors = _vectors(batch)
+        require_finite(vectors, f"Embeddings shard {url} (rows from {start})")
+        if vectors_only:
+          yield Embeddings(ids=_NONE, labels=_NONE, file_names=_NONE.astype(str), vectors=vectors)
+        else:
+          part = small.slice(start, m)
+          yield Embeddings(ids=part.column("id").to_numpy(), labels=part.column("label").to_numpy(),
+                           file_names=np.asarray(part.column("file_name").to_pylist(), dtype=str), vectors=vectors)
+        start += m
+      if not vectors_only and start != len(small):
+        raise KeyError(f"{start} vectors for {len(small)} rows")
   except (pa.ArrowException, KeyError) as e:
     raise InputError(f"{url}: not a readable embeddings shard ({type(e).__name__}: {e}).") from None
-  require_finite(part.vectors, f"Embeddings shard {url}")
-  return part
 
 
 def load(url_or_artifact: str | artifacts.Artifact, split: str) -> Embeddings:
   """Load one split of an embed artifact, sorted by id, vectors float32 (n, dim); NaN/inf refused (InputError).
 
-  Shards are copied one at a time into one preallocated matrix and Arrow's buffers are handed back after each:
-  holding every shard and their concatenation at once peaked at 3.5x the matrix (20 GB for ImageNet at d = 1152,
-  bench/imagenet_scale.py). For a matrix larger than memory use `load_matrix` (memory-mapped).
+  Shards are copied block by block (`iter_shard`) into one preallocated matrix: the peak is that matrix plus a
+  block (holding every shard and their concatenation peaked at 3.5x the matrix, 20 GB for ImageNet at d = 1152).
+  For a matrix larger than memory use `load_matrix` (memory-mapped).
   """
-  import pyarrow as pa
   art = _artifact(url_or_artifact)
-  index = art.read_json(INDEX)["splits"]
-  if split not in index:
-    raise KeyError(f"Split {split!r} is not in embeddings {art.url}; it has {sorted(index)}.")
-  entry = index[split]
+  entry, names = _split_shards(art, split)
   n, dim = int(entry["rows"]), int(entry["dim"])
-  names = [shard_name(split, i, entry["shards"]) for i in range(entry["shards"])]
-  missing = [name for name in names if not art.exists(name)]
-  if missing:
-    raise FileNotFoundError(f"Embeddings {art.url} lacks shards {missing[:3]} listed in {INDEX}.")
   vectors = np.empty((n, dim), np.float32)
   ids, labels, file_names = [], [], []
   row = 0
   for name in names:
-    part = _read_checked(art, name)
-    m = len(part.ids)
-    if row + m > n:
-      raise ValueError(f"Embeddings {art.url}/{split}: more rows than the {n} its index lists; the artifact is "
-                       "corrupt, rerun `alignet embed --force`.")
-    vectors[row:row + m] = part.vectors.reshape(m, dim)
-    ids.append(part.ids)
-    labels.append(part.labels)
-    file_names.append(part.file_names)
-    row += m
-    del part
-    pa.default_memory_pool().release_unused()  # Arrow's pool keeps a shard's buffers otherwise (6 GB at scale).
+    for part in iter_shard(art, name):
+      m = len(part.ids)
+      if row + m > n:
+        raise ValueError(f"Embeddings {art.url}/{split}: more rows than the {n} its index lists; the artifact is "
+                         "corrupt, rerun `alignet embed --force`.")
+      vectors[row:row + m] = part.vectors
+      ids.append(part.ids)
+      labels.append(part.labels)
+      file_names.append(part.file_names)
+      row += m
   out = Embeddings(ids=np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64),
                    labels=np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
                    file_names=np.concatenate(file_names) if file_names else np.zeros(0, str), vectors=vectors)
-  if row != n or (n > 1 and np.any(np.diff(out.ids) <= 0)):
-    raise ValueError(f"Embeddings {art.url}/{split}: {row} rows (index says {n}) or ids not strictly increasing; "
-                     "the artifact is corrupt, rerun `alignet embed --force`.")
+  _check_ids(art, split, out.ids, n)
   return out
+
+
+def _split_shards(art: artifacts.Artifact, split: str) -> tuple[dict[str, Any], list[str]]:
+  """A split's index entry and shard file names (all present)."""
+  index = art.read_json(INDEX)["splits"]
+  if split not in index:
+    raise KeyError(f"Split {split!r} is not in embeddings {art.url}; it has {sorted(index)}.")
+  entry = index[split]
+  names = [shard_name(split, i, entry["shards"]) for i in range(entry["shards"])]
+  missing = [name for name in names if not art.exists(name)]
+  if missing:
+    raise FileNotFoundError(f"Embeddings {art.url} lacks shards {missing[:3]} listed in {INDEX}.")
+  return entry, names
+
+
+def _check_ids(art: artifacts.Artifact, split: str, ids: np.ndarray, n: int) -> None:
+  if len(ids) != n or (n > 1 and np.any(np.diff(ids) <= 0)):
+    raise ValueError(f"Embeddings {art.url}/{split}: {len(ids)} rows (index says {n}) or ids not strictly "
+                     "increasing; the artifact is corrupt, rerun `alignet embed --force`.")
+
+
+def read_ids(url_or_artifact: str | artifacts.Artifact, split: str) -> tuple[np.ndarray, int]:
+  """A split's ids (sorted, checked against the index) and its vector dim, reading only the id column."""
+  art = _artifact(url_or_artifact)
+  entry, names = _split_shards(art, split)
+  parts = []
+  for name in names:
+    try:
+      with art.open(name) as f:
+        parts.append(pq.read_table(f, columns=["id"]).column("id").to_numpy())
+    except (pa.ArrowException, KeyError) as e:
+      raise InputError(f"{art.path(name)}: not a readable embeddings shard ({type(e).__name__}: {e}).") from None
+  ids = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+  _check_ids(art, split, ids, int(entry["rows"]))
+  return ids, int(entry["dim"])
+
+
+def iter_vectors(url_or_artifact: str | artifacts.Artifact, split: str, rows: int = READ_ROWS) -> Iterator[np.ndarray]:
+  """Every vector of a split in id order, block by block (`iter_shard`): one pass that never holds the matrix."""
+  art = _artifact(url_or_artifact)
+  _, names = _split_shards(art, split)
+  for name in names:
+    for part in iter_shard(art, name, rows, vectors_only=True):
+      yield part.vectors
 
 
 def info(url_or_artifact: str | artifacts.Artifact) -> dict[str, Any]:
@@ -347,21 +399,15 @@ def _unpack(art: artifacts.Artifact, names: list[str], entry: dict[str, Any], dt
                                         dtype=np.float16 if dtype == "float16" else np.float32, shape=(rows, dim))
     ids, labels, file_names, start = [], [], [], 0
     for name in names:
-      try:
-        with art.open(name) as f:
-          table = pq.read_table(f)
-      except pa.ArrowException as e:
-        raise InputError(f"{art.path(name)}: not a readable embeddings shard ({type(e).__name__}: {e}).") from None
-      n = len(table)
-      if start + n > rows:
-        raise ValueError(f"Embeddings {art.url}: shards hold more rows than {INDEX} says ({rows}).")
-      values = _vectors(table).reshape(n, dim)
-      require_finite(values, f"Embeddings shard {art.path(name)}")  # Once, at unpacking: the cache is checked.
-      vectors[start:start + n] = values
-      ids.append(table.column("id").to_numpy())
-      labels.append(table.column("label").to_numpy())
-      file_names.extend(table.column("file_name").to_pylist())
-      start += n
+      for part in iter_shard(art, name):  # Checked for NaN/inf once, here: the cache holds checked vectors.
+        n = len(part.ids)
+        if start + n > rows:
+          raise ValueError(f"Embeddings {art.url}: shards hold more rows than {INDEX} says ({rows}).")
+        vectors[start:start + n] = part.vectors
+        ids.append(part.ids)
+        labels.append(part.labels)
+        file_names.append(part.file_names)
+        start += n
     if start != rows:
       raise ValueError(f"Embeddings {art.url}: shards hold {start} rows, {INDEX} says {rows}.")
     vectors.flush()
@@ -369,7 +415,7 @@ def _unpack(art: artifacts.Artifact, names: list[str], entry: dict[str, Any], dt
     np.save(os.path.join(tmp, "ids.npy"), np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64))
     np.save(os.path.join(tmp, "labels.npy"),
             np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64))
-    np.save(os.path.join(tmp, "file_names.npy"), np.asarray(file_names, dtype=str))
+    np.save(os.path.join(tmp, "file_names.npy"), np.concatenate(file_names) if file_names else np.zeros(0, str))
     try:
       os.rename(tmp, folder)
     except OSError:  # Another process cached it first: theirs is identical.

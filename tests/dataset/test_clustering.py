@@ -139,3 +139,40 @@ def test_transform_rows_gives_the_same_bits_whatever_the_thread_count(tmp_path):
   x[4321, 5] = np.float32(3e38)
   with pytest.raises(InputError, match="rows from 4096"):
     clustering.transform_rows(t, x, threads=2)
+
+
+def test_one_pass_assignment_of_raw_rows_matches_transforming_them_first():
+  """`assign_all` never transforms the points: its nearest centroids and inertia are those of the transformed points
+  (brute force in float64), for several k at once, with the same bits whatever the thread count."""
+  x, _ = _planted(n=5000, d=24, c=6)
+  rng = np.random.default_rng(3)
+  t = Transform(rng.normal(size=(24, 12)).astype(np.float32), rng.normal(size=12).astype(np.float32), 0.3, 1.7)
+  xt = t.apply(x).astype(np.float64)
+  cents = [xt[rng.choice(len(x), k, replace=False)].astype(np.float32) for k in (3, 6, 11)]
+  blocks = clustering.array_blocks(x, rows=1500)  # Blocks that do not align with the 4096-row BLAS calls.
+  labels, inertias = clustering.assign_all(blocks, len(x), cents, t, threads=1)
+  for c, lab, inertia in zip(cents, labels, inertias, strict=True):
+    d2 = ((xt[:, None, :] - c[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(lab, d2.argmin(1))
+    assert inertia == pytest.approx(d2.min(1).sum(), rel=1e-5)
+  again = clustering.assign_all(blocks, len(x), cents, t, threads=3)
+  assert again[1] == inertias
+  for a, b in zip(again[0], labels, strict=True):
+    np.testing.assert_array_equal(a, b)
+  # No transform: plain nearest centroids of the rows.
+  plain_labels, plain = clustering.assign_all(blocks, len(x), [x[:5]], None)
+  d2 = ((x[:, None, :].astype(np.float64) - x[None, :5]) ** 2).sum(-1)
+  np.testing.assert_array_equal(plain_labels[0], d2.argmin(1))
+  assert plain[0] == pytest.approx(d2.min(1).sum(), rel=1e-5)
+
+
+def test_streamed_clustering_equals_in_memory_clustering():
+  """The stage streams blocks; the result is the one of the in-memory matrix (the same samples, fits and sums)."""
+  x, _ = _planted(n=3000, d=16, c=8)
+  t = Transform((np.eye(16) * 1.5).astype(np.float32), np.ones(16, np.float32))
+  kw = dict(k_grid=[4, 8, 12], seed=1, max_points_per_centroid=64, transform=t)
+  mem = clustering.cluster(x, np.arange(len(x)), **kw)
+  streamed = clustering.cluster(None, np.arange(len(x)), blocks=clustering.array_blocks(x, rows=700), dim=16, **kw)
+  assert streamed.inertias == mem.inertias and streamed.clusters.k == mem.clusters.k == 8
+  np.testing.assert_array_equal(streamed.clusters.cluster, mem.clusters.cluster)
+  np.testing.assert_array_equal(streamed.clusters.centroids, mem.clusters.centroids)
