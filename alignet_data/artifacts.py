@@ -600,13 +600,12 @@ class ArtifactWriter:
   close = abort
 
   def _file_table(self) -> dict[str, dict[str, Any]]:
-    table = {}
-    for p in sorted(self.fs.find(self._tmp)):
-      name = posixpath.relpath(p, self._tmp)
-      if name == MANIFEST:
-        continue
-      table[name] = {"sha256": sha256_file(self.fs, p), "bytes": self.fs.size(p)}
-    return table
+    """sha256 and size of every staged file, several files at once (hashlib releases the GIL)."""
+    paths = [p for p in sorted(self.fs.find(self._tmp)) if posixpath.relpath(p, self._tmp) != MANIFEST]
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+      digests = list(pool.map(lambda p: sha256_file(self.fs, p), paths))
+    return {posixpath.relpath(p, self._tmp): {"sha256": d, "bytes": self.fs.size(p)}
+            for p, d in zip(paths, digests, strict=True)}
 
   def commit(self, report: Mapping[str, Any]) -> Artifact:
     """Write report.json, then the manifest, then move the staging folder into place; release the lock."""
