@@ -16,7 +16,11 @@ _DEMO: dict[str, dict[str, Any]] = {
     "world": {},
     "human": {},
     "embed": {"model": "demo-teacher"},
-    "align": {"loss": "soft"},
+    # One lambda, fitted to convergence (W from the identity, Adam 1e-2, up to 1500 epochs), not cross-validated:
+    # the CV folds share the 80 THINGS-like images, so CV always picks the weakest lambda, whose transform squeezes
+    # the pool's basic classes within a superordinate (aligned teacher at class boundaries 88% against the raw
+    # teacher's 97%). At 0.03 it keeps them (95%) and still gains at the THINGS-like and coarse levels (README).
+    "align": {"loss": "soft", "lambdas": [0.03], "init_scale": 1.0, "lr": 1e-2, "max_epochs": 1500},
     "cluster": {},
     # The released trainer's three validation sets (the demo pool has classes), 1000 triplets each.
     "triplets": {"strategy": "cluster_boundary", "num": 20000, "num_valid": 1000,

@@ -675,12 +675,14 @@ def test_cli_workdir_run_resumes_with_more_steps_and_writes_tensorboard(shards_u
 
 
 @pytest.mark.slow
-def test_demo_chain_fine_tuning_raises_coarse_levels_accuracy_more_than_fine(tmp_path):
-  """The paper's headline pattern on the demo world (seed 0 of the demo preset, where it is stable)."""
+def test_demo_chain_fine_tuning_raises_levels_accuracy_at_every_level_most_at_coarse(tmp_path):
+  """The paper's headline pattern on the demo world: the student gains at all three Levels levels, most at the
+  coarse one (seed 0 of the demo preset; seeds 1 and 2 of the trainer showed it too)."""
   from pipelines import cli
   assert cli.main(["run", "--preset", "demo", "--out", str(tmp_path / "demo"), "--until", "train"]) == 0
   report = json.loads((tmp_path / "demo" / "train" / "report.json").read_text())
-  rise = {lv: report[f"levels_{lv}_accuracy"] - report[f"levels_{lv}_accuracy_before"] for lv in ("coarse", "fine")}
-  assert rise["coarse"] > 0.1, rise
-  assert rise["coarse"] > rise["fine"] + 0.05, rise
+  rise = {lv: report[f"levels_{lv}_accuracy"] - report[f"levels_{lv}_accuracy_before"]
+          for lv in ("coarse", "fine", "boundary")}
+  assert all(r > 0 for r in rise.values()), rise
+  assert rise["coarse"] == max(rise.values()) and rise["coarse"] > 0.05, rise
   assert report["val_triplet_accuracy"] > report["val_triplet_accuracy_before"]
