@@ -22,6 +22,8 @@ the matrix pays. `np.frombuffer(value, dtype)` reads one in any tool. Shards wri
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -252,7 +254,10 @@ def iter_shard(art: artifacts.Artifact, name: str, rows: int = READ_ROWS, vector
   """
   url = art.path(name)
   try:
-    with art.open(name) as f:
+    # A local shard is memory-mapped: Arrow then reads the plain, uncompressed vector bytes in place (the page
+    # cache) instead of copying them through Python file reads into fresh buffers (measured: 9 s of a 10 s pass).
+    local = artifacts.is_local(art.fs) and name in art.files
+    with (pa.memory_map(art.local_path(name)) if local else art.open(name)) as f:
       pf = pq.ParquetFile(f)
       small = pf.read(columns=[] if vectors_only else _SMALL_COLUMNS, use_threads=False)
       start = 0
@@ -286,17 +291,26 @@ def load(url_or_artifact: str | artifacts.Artifact, split: str) -> Embeddings:
   vectors = np.empty((n, dim), np.float32)
   ids, labels, file_names = [], [], []
   row = 0
-  for name in names:
-    for part in iter_shard(art, name):
-      m = len(part.ids)
-      if row + m > n:
-        raise ValueError(f"Embeddings {art.url}/{split}: more rows than the {n} its index lists; the artifact is "
-                         "corrupt, rerun `alignet embed --force`.")
-      vectors[row:row + m] = part.vectors
-      ids.append(part.ids)
-      labels.append(part.labels)
-      file_names.append(part.file_names)
-      row += m
+  threads = len(os.sched_getaffinity(0))
+  # The copies run on a thread pool: first touching the fresh matrix is most of a load on a VM (measured: 18 s of
+  # kernel time for ImageNet's 5.9 GB, against 3 s to read it), and the page faults proceed in parallel.
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pending: collections.deque = collections.deque()
+    for name in names:
+      for part in iter_shard(art, name):
+        m = len(part.ids)
+        if row + m > n:
+          raise ValueError(f"Embeddings {art.url}/{split}: more rows than the {n} its index lists; the artifact "
+                           "is corrupt, rerun `alignet embed --force`.")
+        pending.append(pool.submit(np.copyto, vectors[row:row + m], part.vectors))
+        while len(pending) > 2 * threads:  # A few blocks in flight: bounded memory.
+          pending.popleft().result()
+        ids.append(part.ids)
+        labels.append(part.labels)
+        file_names.append(part.file_names)
+        row += m
+    for future in pending:
+      future.result()
   out = Embeddings(ids=np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64),
                    labels=np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
                    file_names=np.concatenate(file_names) if file_names else np.zeros(0, str), vectors=vectors)
