@@ -298,12 +298,10 @@ def _gather(blocks: Blocks, rows: np.ndarray, n: int, d: int) -> np.ndarray:
   return out
 
 
-def _affine(transform, d: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _affine(transform) -> tuple[np.ndarray, np.ndarray] | None:
   """(a, b) in float64 with `transform.apply(x)` == x @ a + b (mean and std folded in); None for no transform."""
   if transform is None:
     return None
-  if transform.in_dim != d:
-    raise ValueError(f"Features have dimension {d}, the transform expects {transform.in_dim}.")
   a = np.asarray(transform.weights, np.float64) / float(transform.std)
   return a, np.asarray(transform.bias, np.float64) - float(transform.mean) * a.sum(0)
 
@@ -343,7 +341,7 @@ def assign_all(blocks: Blocks, n: int, centroids: Sequence[np.ndarray], transfor
   pool: the bits do not depend on the thread count (see `transform_rows`).
   """
   import threadpoolctl
-  affine = _affine(transform, centroids[0].shape[1] if transform is None else transform.in_dim)
+  affine = _affine(transform)
   d = transform.in_dim if transform is not None else centroids[0].shape[1]
   scores = []
   for c in centroids:
@@ -413,6 +411,8 @@ def cluster(x: np.ndarray | None, ids: np.ndarray, *, k: int | None = None, k_gr
   if blocks is None:
     x = np.ascontiguousarray(x, dtype=np.float32)
     blocks, dim = array_blocks(x), x.shape[1]
+  if transform is not None and transform.in_dim != dim:
+    raise ValueError(f"Features have dimension {dim}, the transform expects {transform.in_dim}.")
   if k is None:
     grid = sorted({int(g) for g in k_grid if 2 <= int(g) < n})
     if not grid:
