@@ -106,6 +106,7 @@ def make_block(inputs: TripletInputs, split: triplet_plan.SplitPlan, strategy: s
   columns = labelling.to_records(labelled, ids, strategy, inputs.emb.ids, inputs.emb.file_names,
                                  inputs.emb.labels, inputs.clusters)
   columns["_sampled_odd_kept"] = labelled["sampled_odd_kept"]
+  columns["_positions"] = labelled["positions"]  # Rows of the matrix (the released npz's names and ids, later).
   if inputs.raw_odd is not None:  # 1: the transform changed the odd one out, 0: it did not, -1: not in the sample.
     stride, raw_odd = inputs.raw_odd[split.key]
     rows = np.arange(start, stop, dtype=np.int64)
@@ -126,6 +127,7 @@ def make_shard(inputs: TripletInputs, config: dict[str, Any], split: triplet_pla
     out = shards.empty()
     out["file_names"] = out["file_names"].astype(inputs.emb.file_names.dtype)
     out["_sampled_odd_kept"] = np.zeros(0, bool)
+    out["_positions"] = np.zeros((0, 3), np.int64)
     if inputs.raw_odd is not None:
       out["_odd_changed"] = np.zeros(0, np.int8)
     return out

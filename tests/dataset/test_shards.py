@@ -1,5 +1,6 @@
 """Triplet shards: the versioned schema, Parquet / TFRecord round trips, schema checks, the released npz layout."""
 import io
+import itertools
 
 import numpy as np
 import pyarrow as pa
@@ -213,10 +214,11 @@ def test_npz_members_deflated_in_parallel_pieces_are_one_valid_stream_whatever_t
   sims = rng.normal(size=(10000, 3)).astype(np.float32)
   data = names.tobytes() + sims.tobytes()
   outs = []
-  for threads in (1, 3):
-    c = shards._ParallelDeflate(1, threads)
-    outs.append(b"".join([c.compress(data[:7777]), c.compress(data[7777:]), c.flush()]))
-  assert outs[0] == outs[1] and zlib.decompress(outs[0], -15) == data
+  for threads, cuts in ((1, [7777]), (3, [7777]), (2, [5000, 5001, 60000, 60001, 200000])):
+    c = shards._ParallelDeflate(1, threads)  # Whole pieces straight from big writes, small ones buffered.
+    bounds = [0, *cuts, len(data)]
+    outs.append(b"".join([*(c.compress(data[a:b]) for a, b in itertools.pairwise(bounds)), c.flush()]))
+  assert outs[0] == outs[1] == outs[2] and zlib.decompress(outs[0], -15) == data
   files = []
   for cut in (1000, 9000):
     f = io.BytesIO()
