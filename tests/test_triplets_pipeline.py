@@ -291,6 +291,9 @@ def test_reduced_imagenet_scale_benchmark_reports_its_figures(tmp_path):
     assert 0 < figures["floor_seconds"] and figures["floor_fraction"] == figures[f"floor_fraction_{threads}threads"] > 0
   assert set(result["floors"]["triplets"]["parts_seconds"]) == {"read_embeddings", "labelling", "write_output"}
   assert set(result["floors"]["cluster"]["flops"]) == {"kmeans_iterations", "assignment"}
+  # The transform's work, left out of the triplets floor, is reported beside it: a larger fraction.
+  assert result["floors"]["triplets"]["not_in_floor"]["transform_flops"] == 2.0 * 20000 * 32 * 32
+  assert result["stages"]["triplets"]["floor_fraction_with_transform"] > result["stages"]["triplets"]["floor_fraction"]
   assert result["stages"]["triplets"]["triplets"] == 23000 and result["stages"]["cluster"]["k"] == 20
   # The cluster step is the README's command: no flag the README's cluster line does not have.
   readme = (root / "README.md").read_text()
