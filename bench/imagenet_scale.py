@@ -26,6 +26,8 @@ at 200 GFLOP/s), which labelling needs: ``floors.triplets.not_in_floor`` gives i
 commands' own time.
 
 Targets (2 cores): total < 90 s, peak RSS < 8 GiB, every stage >= 50% of its floor.
+
+Disk: about 13 GiB free under the working folder at full size (`disk_needed`), checked before the first step.
 """
 from __future__ import annotations
 
@@ -130,17 +132,44 @@ def read_rate(paths: Sequence[str]) -> float:
   return total / best
 
 
-def write_rate(folder: str, nbytes: int = 1 << 30) -> float:
-  """Bytes/s writing `nbytes` to a new file in `folder` in 64 MiB chunks, then closed (as the stages write)."""
-  chunk = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
+def write_rate(folder: str, nbytes: int) -> float:
+  """Bytes/s writing `nbytes` (whole 16 MiB chunks, at least one) to a new file in `folder`, then closed (as the
+  stages write). The file is removed even when the write fails."""
+  chunk = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8).tobytes()
+  chunks = max(nbytes // len(chunk), 1)
   path = os.path.join(folder, "write-rate.bin")
-  tic = time.perf_counter()
-  with open(path, "wb") as f:
-    for _ in range(max(nbytes // len(chunk), 1)):
-      f.write(chunk)
-  seconds = time.perf_counter() - tic
-  os.remove(path)
-  return max(nbytes // len(chunk), 1) * len(chunk) / seconds
+  try:
+    tic = time.perf_counter()
+    with open(path, "wb") as f:
+      for _ in range(chunks):
+        f.write(chunk)
+    seconds = time.perf_counter() - tic
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
+  return chunks * len(chunk) / seconds
+
+
+def write_probe_bytes(n: int, d: int) -> int:
+  """How much the write-rate probe writes: the embedding matrix's size, between 64 MiB and 1 GiB (enough to pass
+  the page cache's first burst at ImageNet scale; small runs, like the tests', write little)."""
+  return int(min(max(n * d * 4, 64 << 20), 1 << 30))
+
+
+def disk_needed(n: int, d: int, num: int, num_valid: int) -> int:
+  """Bytes the run writes under its working folder, with margin: the embed artifact (float32), the cluster
+  artifact, the triplets' three formats (445 B a triplet: 4.14 GiB for 10^7 in the full-size run) with the
+  stage's npz parts (36 B a triplet) beside them, and the write-rate probe."""
+  triplets = num + 3 * num_valid
+  return int(1.2 * (n * d * 4 + n * 16 + triplets * (445 + 36)) + write_probe_bytes(n, d))
+
+
+def check_disk(folder: str, needed: int) -> None:
+  """Fail before the first step, saying how much is missing, rather than with ENOSPC in the middle of a stage."""
+  free = shutil.disk_usage(folder).free
+  if free < needed:
+    raise SystemExit(f"bench needs about {needed / 2**30:.2f} GiB free under {folder}; {free / 2**30:.2f} GiB is "
+                     "free. Free some space or pass --work on a larger disk.")
 
 
 def memory_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
@@ -155,7 +184,7 @@ def measure_rates(work: str, n: int, d: int, k: int) -> dict[str, float]:
   """The rates the floors assume, measured on this machine now (the `rates` step)."""
   return {"sgemm_flops": sgemm_rate(min(n, 1 << 16), d, k),
           "read_bytes_per_s": read_rate(files_under(os.path.join(work, "embed"))),
-          "write_bytes_per_s": write_rate(work),
+          "write_bytes_per_s": write_rate(work, write_probe_bytes(n, d)),
           "memory_bytes_per_s": memory_bandwidth(len(os.sched_getaffinity(0)))}
 
 
@@ -181,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   work = args.work or tempfile.mkdtemp(prefix="alignet-bench-")
   os.makedirs(work, exist_ok=True)
+  try:
+    check_disk(work, disk_needed(args.n, args.d, args.num, args.num_valid))
+  except SystemExit:
+    if not args.work:
+      shutil.rmtree(work, ignore_errors=True)
+    raise
   load_before = os.getloadavg()
   start = time.perf_counter()
   stages: dict[str, dict[str, Any]] = {}

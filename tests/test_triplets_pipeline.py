@@ -302,6 +302,22 @@ def test_reduced_imagenet_scale_benchmark_reports_its_figures(tmp_path):
   assert used <= readme_flags, used - readme_flags
 
 
+def test_benchmark_too_big_for_the_disk_stops_before_writing(tmp_path):
+  """A run the disk cannot hold fails at once, saying how much it needs, instead of with ENOSPC mid-stage."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "bench" / "imagenet_scale.py"
+  spec = importlib.util.spec_from_file_location("imagenet_scale", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  work, out = tmp_path / "work", tmp_path / "b.json"
+  with pytest.raises(SystemExit, match=r"bench needs about [0-9.]+ GiB free under .*--work"):
+    bench.main(["--n", str(10**10), "--work", str(work), "--out", str(out)])  # 46 TB of float32 embeddings.
+  assert list(work.iterdir()) == [] and not out.exists()
+  # At full size the estimate covers what the acceptance run wrote (5.9 GB embed, 4.14 GiB triplets).
+  assert bench.disk_needed(1_281_167, 1152, 10**7, 10**4) > 1_281_167 * 1152 * 4 + 4.14 * 2**30
+
+
 @pytest.mark.slow
 def test_benchmark_at_the_issue_reduced_size(tmp_path):
   """100k x 64 embeddings, 10^5 cluster-boundary triplets: the issue's reduced benchmark, all formats."""
