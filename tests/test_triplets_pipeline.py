@@ -289,6 +289,10 @@ def test_reduced_imagenet_scale_benchmark_reports_its_figures(tmp_path):
     figures = result["stages"][stage]
     assert figures["seconds"] > 0 and figures["cpu_seconds"] > 0 and figures["peak_rss_gb"] > 0
     assert 0 < figures["floor_seconds"] and figures["floor_fraction"] == figures[f"floor_fraction_{threads}threads"] > 0
+  # The rates are measured before and after the stages; the floors use the faster of each.
+  measured = result["rates"]["measured"]
+  assert set(measured) == {"before", "after"} and {"rates", "rates_after"} <= set(result["stages"])
+  assert result["rates"]["sgemm_gflops"] == round(max(m["sgemm_flops"] for m in measured.values()) / 1e9, 1)
   assert set(result["floors"]["triplets"]["parts_seconds"]) == {"read_embeddings", "labelling", "write_output"}
   assert set(result["floors"]["cluster"]["flops"]) == {"kmeans_iterations", "assignment"}
   # The transform's work, left out of the triplets floor, is reported beside it: a larger fraction.
