@@ -111,6 +111,24 @@ def write_bytes(url: str, data: bytes | memoryview) -> None:
       os.remove(tmp)
 
 
+def fsync_tree(root: str) -> None:
+  """Flush a local folder to the disk: every file, then every folder, deepest first (a rename made after this
+  cannot reach the disk before the data it names, so a power cut leaves the old state or the whole new one)."""
+  for dirpath, _, filenames in os.walk(root, topdown=False):
+    for name in filenames:
+      fsync_path(os.path.join(dirpath, name))
+    fsync_path(dirpath)
+
+
+def fsync_path(path: str) -> None:
+  """fsync one local file or folder (a folder's fsync makes the names in it durable)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 def json_bytes(obj: Any) -> bytes:
   """The project's JSON file layout: indented, keys sorted, numpy scalars/arrays as plain values."""
   return (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()

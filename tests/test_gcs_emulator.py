@@ -261,7 +261,7 @@ _PUBLISHER = textwrap.dedent('''
     publishing._copy_verified = copy_then_hold
   elif stop.startswith("commit:"):  # Stop after the n-th file copied into the version folder itself.
     move_into_place = publishing._move_into_place
-    def move_then_hold(fs, staging, root, manifest):
+    def move_then_hold(fs, staging, root, manifest, created):
       class Holding:
         copied = 0
         def __getattr__(self, name):
@@ -271,7 +271,7 @@ _PUBLISHER = textwrap.dedent('''
           Holding.copied += 1
           if Holding.copied == int(stop.split(":")[1]):
             hold()
-      return move_into_place(Holding(), staging, root, manifest)
+      return move_into_place(Holding(), staging, root, manifest, created)
     publishing._move_into_place = move_then_hold
   if start != "-":
     open(flag, "w").close()

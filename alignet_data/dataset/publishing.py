@@ -8,7 +8,8 @@ Any fsspec filesystem (a local folder, ``gs://`` through gcsfs, ``memory://`` in
 3. copy every file of the source artifact into a hidden staging folder ``<name>/.<version>.incomplete-<writer>``,
    hashing the bytes read (they must match the source manifest: a corrupt source is never published) and then
    re-reading the copy (it must match too); add the dataset card (README.md, entropy histogram);
-4. move it into place: one rename on local disks; on object stores, the files then ``manifest.json`` LAST (the
+4. move it into place: on local disks, everything fsynced, then one rename (fsynced too: a power cut leaves no
+   version or the whole one); on object stores, the files then ``manifest.json`` LAST (the
    source manifest, so `artifacts.load` reads a published version like any artifact and `Artifact.verify`
    re-checks every sha256, with the card's files and a ``publication`` block).
 Any failure removes the staging folder: a refused or failed publish leaves nothing visible.
@@ -119,7 +120,7 @@ def publish(source: str | artifacts.Artifact, bucket: str, name: str, version: s
       _clear_debris(fs, parent, root, version, dest, log)
       manifest = _assemble(src, fs, staging, name, version, dest, card)
       lock.check()
-      _move_into_place(fs, staging, root, manifest)
+      _move_into_place(fs, staging, root, manifest, created)
   except BaseException:
     if fs.exists(staging):
       fs.rm(staging, recursive=True)
@@ -186,13 +187,22 @@ def _assemble(src: artifacts.Artifact, fs, staging: str, name: str, version: str
   return manifest
 
 
-def _move_into_place(fs, staging: str, root: str, manifest: dict[str, Any]) -> None:
-  """Local: the manifest into the staging folder, then one atomic rename. Object stores (no rename): mark the
-  version as an interrupted commit, copy the files, write the manifest (the commit point), unmark."""
+def _move_into_place(fs, staging: str, root: str, manifest: dict[str, Any], created: str | None) -> None:
+  """Local: the manifest into the staging folder, everything fsynced, then one atomic rename, fsynced with the
+  folders this publish created (`created`: the highest). Object stores (no rename): mark the version as an
+  interrupted commit, copy the files, write the manifest (the commit point), unmark."""
   body = artifacts.json_bytes(manifest)
   if artifacts.is_local(fs):
     _write(fs, posixpath.join(staging, artifacts.MANIFEST), body)
+    artifacts.fsync_tree(staging)  # On the disk before the rename names it: a power cut cannot half-publish.
     os.rename(staging, root)  # Fails rather than replace if a version appeared (it cannot: we hold the lock).
+    folder = posixpath.dirname(root)
+    top = posixpath.dirname(created) if created else folder
+    while True:  # The rename's entry, and each new folder's entry in the folder above it.
+      artifacts.fsync_path(folder)
+      if folder == top or posixpath.dirname(folder) == folder:
+        break
+      folder = posixpath.dirname(folder)
     return
   marker = posixpath.join(root, artifacts.INCOMPLETE_MARKER)
   _write(fs, marker, artifacts.json_bytes({"stage": "publish", "version": manifest["publication"]["version"]}))

@@ -79,6 +79,33 @@ def test_an_interrupted_publish_leaves_nothing_visible_and_a_retry_completes(tmp
   publishing.verify(str(dest))
 
 
+def test_a_local_publish_is_on_the_disk_before_it_is_named(tmp_path, monkeypatch):
+  """Power-cut safety: every file and folder of the version is fsynced before the rename that makes it visible,
+  then the rename and each folder the publish created, up to an existing one."""
+  import os
+  src = _source(str(tmp_path / "src"))
+  events = []
+  real_fsync, real_rename = artifacts.fsync_path, os.rename
+  monkeypatch.setattr(artifacts, "fsync_path", lambda p: (events.append(("fsync", os.path.normpath(p))),
+                                                          real_fsync(p)))
+  monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", a, b)), real_rename(a, b)))
+  publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
+  dest = tmp_path / "bucket" / "alignet" / "0.1.0"
+  [at] = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dest)]
+  staging = events[at][1]
+  before = {e[1] for e in events[:at] if e[0] == "fsync"}
+  published = {os.path.relpath(os.path.join(d, n), dest) for d, dirs, files in os.walk(dest) for n in files + dirs}
+  assert {os.path.join(staging, p) for p in published} | {staging} <= before
+  assert "manifest.json" in published and "npz/untransformed" in published
+  after = [e[1] for e in events[at + 1:] if e[0] == "fsync"]
+  assert after == [str(tmp_path / "bucket" / "alignet"), str(tmp_path / "bucket"), str(tmp_path)]
+  # A second version under the same name needs only its own entry made durable.
+  events.clear()
+  publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.1", log=lambda s: None)
+  [at] = [i for i, e in enumerate(events) if e[0] == "rename"]
+  assert [e[1] for e in events[at + 1:] if e[0] == "fsync"] == [str(tmp_path / "bucket" / "alignet")]
+
+
 def test_a_corrupt_source_is_not_published_and_a_corrupt_copy_is_detected(tmp_path):
   src = _source(str(tmp_path / "src"))
   shard = tmp_path / "src" / "shards" / "train_random-00000-of-00001.parquet"
