@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime
+import errno
 import functools
 import hashlib
 import io
@@ -121,10 +122,15 @@ def fsync_tree(root: str) -> None:
 
 
 def fsync_path(path: str) -> None:
-  """fsync one local file or folder (a folder's fsync makes the names in it durable)."""
+  """fsync one local file or folder (a folder's fsync makes the names in it durable). A filesystem that cannot
+  fsync a folder (EINVAL or ENOTSUP: some FUSE and network mounts) is let be; a file that fails to reach the disk
+  raises."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
+  except OSError as e:
+    if not (e.errno in (errno.EINVAL, errno.ENOTSUP) and os.path.isdir(path)):
+      raise
   finally:
     os.close(fd)
 

@@ -106,6 +106,33 @@ def test_a_local_publish_is_on_the_disk_before_it_is_named(tmp_path, monkeypatch
   assert [e[1] for e in events[at + 1:] if e[0] == "fsync"] == [str(tmp_path / "bucket" / "alignet")]
 
 
+def test_an_fsync_failure_fails_the_publish_unless_only_folders_cannot_be_fsynced(tmp_path, monkeypatch):
+  """A file that cannot reach the disk (EIO) fails the publish and leaves nothing visible; a mount that cannot
+  fsync folders (EINVAL) still publishes."""
+  import errno
+  import os
+  src = _source(str(tmp_path / "src"))
+  real = os.fsync
+
+  def fsync_failing(parquet_fails):
+    def fsync(fd):
+      path = os.readlink(f"/proc/self/fd/{fd}")
+      if os.path.isdir(path):
+        raise OSError(errno.EINVAL, "Invalid argument")
+      if parquet_fails and path.endswith(".parquet"):
+        raise OSError(errno.EIO, "Input/output error")
+      return real(fd)
+    return fsync
+
+  monkeypatch.setattr(os, "fsync", fsync_failing(parquet_fails=True))
+  with pytest.raises(OSError, match="Input/output error"):
+    publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
+  assert not (tmp_path / "bucket").exists()
+  monkeypatch.setattr(os, "fsync", fsync_failing(parquet_fails=False))
+  publishing.publish(src.url, str(tmp_path / "bucket"), "alignet", "0.1.0", log=lambda s: None)
+  publishing.verify(str(tmp_path / "bucket" / "alignet" / "0.1.0"))
+
+
 def test_a_corrupt_source_is_not_published_and_a_corrupt_copy_is_detected(tmp_path):
   src = _source(str(tmp_path / "src"))
   shard = tmp_path / "src" / "shards" / "train_random-00000-of-00001.parquet"
