@@ -141,16 +141,15 @@ def write_rate(folder: str, nbytes: int) -> float:
   `os.sync()` first: the floor takes the faster."""
   chunk = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8).tobytes()
   chunks = max(nbytes // len(chunk), 1)
-  path = os.path.join(folder, "write-rate.bin")
+  fd, path = tempfile.mkstemp(prefix=".write-rate-", suffix=".bin", dir=folder)  # A new name: never a user's file.
   try:
     tic = time.perf_counter()
-    with open(path, "wb") as f:
+    with os.fdopen(fd, "wb") as f:
       for _ in range(chunks):
         f.write(chunk)
     seconds = time.perf_counter() - tic
   finally:
-    if os.path.exists(path):
-      os.remove(path)
+    os.remove(path)
   return chunks * len(chunk) / seconds
 
 
