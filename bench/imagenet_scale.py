@@ -161,8 +161,8 @@ def write_probe_bytes(n: int, d: int) -> int:
 
 def disk_needed(n: int, d: int, num: int, num_valid: int) -> int:
   """Bytes the run writes under its working folder, with margin: the embed artifact (float32), the cluster
-  artifact, the triplets' three formats (445 B a triplet: 4.14 GiB for 10^7 in the full-size run) with the
-  stage's npz parts (36 B a triplet) beside them, and the write-rate probe."""
+  artifact, the triplets' three formats (445 B a triplet, rounded up from the full-size run's 443: 4.14 GiB
+  for 10^7 + 3 x 10^4) with the stage's npz parts (36 B a triplet) beside them, and the write-rate probe."""
   triplets = num + 3 * num_valid
   return int(1.2 * (n * d * 4 + n * 16 + triplets * (445 + 36)) + write_probe_bytes(n, d))
 
@@ -184,7 +184,7 @@ def memory_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
 
 
 def measure_rates(work: str, n: int, d: int, k: int) -> dict[str, float]:
-  """The rates the floors assume, measured on this machine now (the `rates` step)."""
+  """The rates the floors assume, measured on this machine now (the `rates` and `rates_after` steps)."""
   return {"sgemm_flops": sgemm_rate(min(n, 1 << 16), d, k),
           "read_bytes_per_s": read_rate(files_under(os.path.join(work, "embed"))),
           "write_bytes_per_s": write_rate(work, write_probe_bytes(n, d)),
